@@ -1,0 +1,36 @@
+"""`blockwise_feedforward`: the LLaMA SwiGLU feedforward, a chunk of tokens at a time."""
+
+import jax.numpy as jnp
+
+import pallas_kernels
+from pallas_kernels import Impl
+
+DEFAULT_CHUNK = 512
+
+
+def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = None, impl: Impl = "auto"):
+    """down(silu(x @ w_gate) * (x @ w_up)) with activation memory O(chunk) forward and backward.
+
+    Args:
+      x: [B, L, D]; w_gate, w_up: [D, F]; w_down: [F, D].
+      chunk_size: tokens per chunk, dividing L; None: the largest divisor of L up to 512.
+      impl: "auto" (the jnp path in this version), "xla" or "pallas" (not yet shipped).
+    Returns:
+      [B, L, D] in x's dtype.
+    """
+    for name, a, rank in (("x", x, 3), ("w_gate", w_gate, 2), ("w_up", w_up, 2), ("w_down", w_down, 2)):
+        if getattr(a, "ndim", None) != rank:
+            raise ValueError(f"{name} must have rank {rank}, got shape {getattr(a, 'shape', None)}")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {a.dtype}")
+    B, L, D = x.shape
+    F = w_gate.shape[1]
+    for name, a, shape in (("w_gate", w_gate, (D, F)), ("w_up", w_up, (D, F)), ("w_down", w_down, (F, D))):
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} for x with {D=} and w_gate with {F=}, got {a.shape}")
+    if chunk_size is None:
+        chunk_size = max(c for c in range(1, min(L, DEFAULT_CHUNK) + 1) if L % c == 0)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or L % chunk_size:
+        raise ValueError(f"chunk_size must be a positive int dividing the token count {L=}, got {chunk_size!r}")
+    impl = pallas_kernels.resolve_impl(impl)
+    return pallas_kernels.feedforward(x, w_gate, w_up, w_down, impl=impl, chunk_size=chunk_size)
