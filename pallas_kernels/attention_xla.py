@@ -7,6 +7,8 @@ serves every ring step. Tiles wholly hidden by causality or segments are skipped
 Grouped-query attention groups the N query heads as `[K, G = N // K]`; K/V are never repeated.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -60,51 +62,56 @@ def _kv_unblock(x):
 
 
 class _Masking:
-    """Which (query tile, key tile) pairs are visible, and the element mask inside a tile."""
+    """Which (query tile, key tile) pairs are visible, and the element mask inside a tile.
 
-    def __init__(self, *, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset, block_q, block_kv):
+    Per-tile positions and segment ids travel through the loops as scanned inputs (`q_tiles`,
+    `kv_tiles`) rather than being indexed by loop counters, which keeps their shard_map typing
+    intact under vmap.
+    """
+
+    def __init__(self, *, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset, T, S, block_q, block_kv, typed_like):
         self.causal = causal
-        self.q_offset, self.kv_offset = q_offset, kv_offset
-        self.block_q, self.block_kv = block_q, block_kv
         self.segments = q_segment_ids is not None
+        self.q_tiles, self.kv_tiles = {}, {}
+        if causal:
+            # Global positions per tile: [nq, bq] and [nk, bk].
+            q_pos = q_offset + jnp.arange(T, dtype=jnp.int32).reshape(-1, block_q)
+            kv_pos = kv_offset + jnp.arange(S, dtype=jnp.int32).reshape(-1, block_kv)
+            self.q_tiles["pos"], self.kv_tiles["pos"] = match_vma(q_pos, *typed_like), match_vma(kv_pos, *typed_like)
         if self.segments:
             B = q_segment_ids.shape[0]
-            self.q_seg = q_segment_ids.reshape(B, -1, block_q).transpose(1, 0, 2)  # [nq, B, bq]
-            self.kv_seg = kv_segment_ids.reshape(B, -1, block_kv).transpose(1, 0, 2)  # [nk, B, bk]
+            self.q_tiles["seg"] = q_segment_ids.reshape(B, -1, block_q).transpose(1, 0, 2)  # [nq, B, bq]
+            self.kv_tiles["seg"] = kv_segment_ids.reshape(B, -1, block_kv).transpose(1, 0, 2)  # [nk, B, bk]
 
     @property
     def any(self):
         return self.causal or self.segments
 
-    def tile_visible(self, i, j):
-        """Scalar bool: some query of tile i may see some key of tile j."""
-        visible = jnp.bool_(True)
+    def tile_visible(self, q_tile, kv_tile):
+        """Scalar bool: some query of the q tile may see some key of the kv tile."""
+        conditions = []
         if self.causal:
-            last_q = self.q_offset + (i + 1) * self.block_q - 1
-            first_kv = self.kv_offset + j * self.block_kv
-            visible &= last_q >= first_kv
+            conditions.append(q_tile["pos"][-1] >= kv_tile["pos"][0])
         if self.segments:
             # Disjoint id ranges cannot match; exact for the sorted ids that packing produces.
-            q_seg, kv_seg = self.q_seg[i], self.kv_seg[j]
+            q_seg, kv_seg = q_tile["seg"], kv_tile["seg"]
             overlap = (q_seg.min(-1) <= kv_seg.max(-1)) & (kv_seg.min(-1) <= q_seg.max(-1))  # [B]
-            visible &= jnp.any(overlap)
-        return visible
+            conditions.append(jnp.any(overlap))
+        return functools.reduce(jnp.logical_and, conditions)
 
-    def element_mask(self, i, j):
+    def element_mask(self, q_tile, kv_tile):
         """[B or 1, 1, 1, block_q, block_kv] bool, broadcasting over [B, K, G, bq, bk]."""
-        mask = jnp.ones((1, self.block_q, self.block_kv), dtype=bool)
+        masks = []
         if self.causal:
-            q_pos = self.q_offset + i * self.block_q + lax.broadcasted_iota(jnp.int32, (self.block_q, 1), 0)
-            kv_pos = self.kv_offset + j * self.block_kv + lax.broadcasted_iota(jnp.int32, (1, self.block_kv), 1)
-            mask &= (q_pos >= kv_pos)[None]
+            masks.append((q_tile["pos"][:, None] >= kv_tile["pos"][None, :])[None])
         if self.segments:
-            mask &= self.q_seg[i][:, :, None] == self.kv_seg[j][:, None, :]
-        return mask[:, None, None]
+            masks.append(q_tile["seg"][:, :, None] == kv_tile["seg"][:, None, :])
+        return functools.reduce(jnp.logical_and, masks)[:, None, None]
 
-    def run_if_visible(self, i, j, compute, skip, *operands):
+    def run_if_visible(self, q_tile, kv_tile, compute, skip, *operands):
         if not self.any:
             return compute(*operands)
-        return lax.cond(self.tile_visible(i, j), compute, skip, *operands)
+        return lax.cond(self.tile_visible(q_tile, kv_tile), compute, skip, *operands)
 
 
 def attention_fwd(
@@ -118,22 +125,22 @@ def attention_fwd(
     K = k.shape[2]
     masking = _Masking(
         causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, kv_offset=kv_offset, block_q=block_q, block_kv=block_kv,
+        q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
+        typed_like=(q, k),
     )
     q_tiles = _q_blocks(q, block_q, K)  # [nq, B, K, G, bq, H]
     k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
-    kv_index = jnp.arange(k_tiles.shape[0])
 
     def q_tile(args):
-        q_i, i = args  # [B, K, G, bq, H]
+        q_i, q_info = args  # [B, K, G, bq, H] and the tile's positions/ids
 
         def kv_step(carry, xs):
-            k_j, v_j, j = xs
+            k_j, v_j, kv_info = xs
 
             def compute(m, l, acc):
                 s = jnp.einsum("BKGqH,BKkH->BKGqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
                 if masking.any:
-                    s = jnp.where(masking.element_mask(i, j), s, -jnp.inf)
+                    s = jnp.where(masking.element_mask(q_info, kv_info), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))  # [B, K, G, bq]
                 # A row with nothing visible yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
                 m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -143,18 +150,18 @@ def attention_fwd(
                 pv = jnp.einsum("BKGqk,BKkH->BKGqH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
                 return m_new, l, alpha[..., None] * acc + pv
 
-            return masking.run_if_visible(i, j, compute, lambda *c: c, *carry), None
+            return masking.run_if_visible(q_info, kv_info, compute, lambda *c: c, *carry), None
 
-        acc = match_vma(jnp.zeros(q_i.shape, jnp.float32), q, k, v)
+        acc = match_vma(jnp.zeros_like(q_i, jnp.float32), k, v)
         l = acc[..., 0]
         m = l - jnp.inf
-        (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (k_tiles, v_tiles, kv_index))
+        (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (k_tiles, v_tiles, masking.kv_tiles))
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
         return out, lse
 
-    out, lse = lax.map(q_tile, (q_tiles, jnp.arange(q_tiles.shape[0])))
+    out, lse = lax.map(q_tile, (q_tiles, masking.q_tiles))
     return _q_unblock(out), _row_unblock(lse)
 
 
@@ -172,24 +179,24 @@ def attention_bwd(
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     masking = _Masking(
         causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, kv_offset=kv_offset, block_q=block_q, block_kv=block_kv,
+        q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
+        typed_like=(q, k),
     )
     q_tiles, do_tiles = _q_blocks(q, block_q, K), _q_blocks(d_out, block_q, K)  # [nq, B, K, G, bq, H]
     lse_tiles, delta_tiles = _row_blocks(lse, block_q, K), _row_blocks(delta, block_q, K)  # [nq, B, K, G, bq]
     k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
-    q_index = jnp.arange(q_tiles.shape[0])
 
     def kv_tile(dq, xs):
-        k_j, v_j, j = xs
+        k_j, v_j, kv_info = xs
 
         def q_step(carry, xs):
-            q_i, do_i, lse_i, delta_i, i = xs
+            q_i, do_i, lse_i, delta_i, q_info = xs
 
             def compute(dk, dv):
                 s = jnp.einsum("BKGqH,BKkH->BKGqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
                 p = jnp.exp(s - lse_i[..., None])  # [B, K, G, bq, bk]
                 if masking.any:
-                    p = jnp.where(masking.element_mask(i, j), p, 0.0)
+                    p = jnp.where(masking.element_mask(q_info, kv_info), p, 0.0)
                 dv = dv + jnp.einsum("BKGqk,BKGqH->BKkH", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
                 dp = jnp.einsum("BKGqH,BKkH->BKGqk", do_i, v_j, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_i[..., None])
@@ -198,15 +205,15 @@ def attention_bwd(
                 return (dk, dv), dq_i * scale
 
             def skip(dk, dv):
-                return (dk, dv), match_vma(jnp.zeros(q_i.shape, jnp.float32), q, k, v, d_out, lse)
+                return (dk, dv), match_vma(jnp.zeros_like(q_i, jnp.float32), k, v, d_out, lse)
 
-            (dk, dv), dq_i = masking.run_if_visible(i, j, compute, skip, *carry)
+            (dk, dv), dq_i = masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
             return (dk, dv), dq_i
 
-        zeros = match_vma(jnp.zeros(k_j.shape, jnp.float32), q, k, v, d_out, lse)
-        (dk_j, dv_j), dq_parts = lax.scan(q_step, (zeros, zeros), (q_tiles, do_tiles, lse_tiles, delta_tiles, q_index))
+        zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
+        (dk_j, dv_j), dq_parts = lax.scan(q_step, (zeros, zeros), (q_tiles, do_tiles, lse_tiles, delta_tiles, masking.q_tiles))
         return dq + dq_parts, (dk_j * scale, dv_j)
 
-    dq = match_vma(jnp.zeros(q_tiles.shape, jnp.float32), q, k, v, d_out, lse)
-    dq, (dk, dv) = lax.scan(kv_tile, dq, (k_tiles, v_tiles, jnp.arange(k_tiles.shape[0])))
+    dq = match_vma(jnp.zeros_like(q_tiles, jnp.float32), k, v, d_out, lse)
+    dq, (dk, dv) = lax.scan(kv_tile, dq, (k_tiles, v_tiles, masking.kv_tiles))
     return _q_unblock(dq), _kv_unblock(dk), _kv_unblock(dv)

@@ -99,11 +99,11 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k has {K=} heads, which must divide q's {N=}")
 
 
-def _check_ids(name, ids, shape):
+def _check_ids(name, ids, shape, dims):
     if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
         raise ValueError(f"{name} must be an integer array, got {type(ids).__name__}")
     if tuple(ids.shape) != shape:
-        raise ValueError(f"{name} must have shape [B, {name[0].upper()}] = {shape}, got {tuple(ids.shape)}")
+        raise ValueError(f"{name} must have shape {dims} = {shape}, got {tuple(ids.shape)}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
     return ids.astype(jnp.int32)
@@ -115,13 +115,16 @@ def _split_segment_ids(segment_ids, B, T, S):
     if isinstance(segment_ids, (tuple, list)):
         if len(segment_ids) != 2:
             raise ValueError(f"segment_ids as a sequence must be a pair (q_ids, kv_ids), got {len(segment_ids)} items")
-        return _check_ids("q_segment_ids", segment_ids[0], (B, T)), _check_ids("kv_segment_ids", segment_ids[1], (B, S))
+        return (
+            _check_ids("q_segment_ids", segment_ids[0], (B, T), "[B, T]"),
+            _check_ids("kv_segment_ids", segment_ids[1], (B, S), "[B, S]"),
+        )
     if T != S:
         raise ValueError(
             f"segment_ids [B, T] is for self-attention (T == S), got {T=} and {S=}: "
             "pass a pair (q_segment_ids, kv_segment_ids)"
         )
-    ids = _check_ids("segment_ids", segment_ids, (B, T))
+    ids = _check_ids("segment_ids", segment_ids, (B, T), "[B, T]")
     return ids, ids
 
 

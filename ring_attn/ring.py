@@ -178,9 +178,9 @@ def _backward_contributions(q, q_seg, stats, spec):
         def nothing(kv):
             k, v, _ = kv
             return (
-                pallas_kernels.match_vma(jnp.zeros(q.shape, jnp.float32), q, k, *stats),
-                pallas_kernels.match_vma(jnp.zeros(k.shape, jnp.float32), q, k, *stats),
-                pallas_kernels.match_vma(jnp.zeros(v.shape, jnp.float32), q, v, *stats),
+                pallas_kernels.match_vma(jnp.zeros_like(q, jnp.float32), k, *stats),
+                pallas_kernels.match_vma(jnp.zeros_like(k, jnp.float32), q, *stats),
+                pallas_kernels.match_vma(jnp.zeros_like(v, jnp.float32), q, *stats),
             )
 
         if spec.layout == "contiguous":
