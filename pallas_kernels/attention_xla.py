@@ -69,11 +69,13 @@ class _Masking:
     intact under vmap.
     """
 
-    def __init__(self, *, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset, T, S, block_q, block_kv, typed_like):
-        self.causal = causal
+    def __init__(
+        self, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_offset, T, S, block_q, block_kv, typed_like
+    ):
+        self.causal, self.window = causal, window
         self.segments = q_segment_ids is not None
         self.q_tiles, self.kv_tiles = {}, {}
-        if causal:
+        if causal or window is not None:
             # Global positions per tile: [nq, bq] and [nk, bk].
             q_pos = q_offset + jnp.arange(T, dtype=jnp.int32).reshape(-1, block_q)
             kv_pos = kv_offset + jnp.arange(S, dtype=jnp.int32).reshape(-1, block_kv)
@@ -85,13 +87,19 @@ class _Masking:
 
     @property
     def any(self):
-        return self.causal or self.segments
+        return self.causal or self.segments or self.window is not None
 
     def tile_visible(self, q_tile, kv_tile):
         """Scalar bool: some query of the q tile may see some key of the kv tile."""
         conditions = []
+        if "pos" in q_tile:
+            q_first, q_last, kv_first, kv_last = q_tile["pos"][0], q_tile["pos"][-1], kv_tile["pos"][0], kv_tile["pos"][-1]
         if self.causal:
-            conditions.append(q_tile["pos"][-1] >= kv_tile["pos"][0])
+            conditions.append(q_last >= kv_first)
+        if self.window is not None:
+            conditions.append(q_first - kv_last < self.window)
+            if not self.causal:
+                conditions.append(kv_first - q_last < self.window)
         if self.segments:
             # Disjoint id ranges cannot match; exact for the sorted ids that packing produces.
             q_seg, kv_seg = q_tile["seg"], kv_tile["seg"]
@@ -102,8 +110,12 @@ class _Masking:
     def element_mask(self, q_tile, kv_tile):
         """[B or 1, 1, 1, block_q, block_kv] bool, broadcasting over [B, K, G, bq, bk]."""
         masks = []
+        if self.causal or self.window is not None:
+            distance = q_tile["pos"][:, None] - kv_tile["pos"][None, :]  # [bq, bk]
         if self.causal:
-            masks.append((q_tile["pos"][:, None] >= kv_tile["pos"][None, :])[None])
+            masks.append((distance >= 0)[None])
+        if self.window is not None:
+            masks.append((distance < self.window if self.causal else jnp.abs(distance) < self.window)[None])
         if self.segments:
             masks.append(q_tile["seg"][:, :, None] == kv_tile["seg"][:, None, :])
         return functools.reduce(jnp.logical_and, masks)[:, None, None]
@@ -116,15 +128,17 @@ class _Masking:
 
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, scale, block_q, block_kv,
+    causal=False, window=None, scale, block_q, block_kv,
 ):
     """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
 
+    A query at global position i sees the key at j when causal allows (i >= j), the segment ids
+    match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
     Rows that see no key give out 0 and lse -inf.
     """
     K = k.shape[2]
     masking = _Masking(
-        causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
         typed_like=(q, k),
     )
@@ -167,7 +181,7 @@ def attention_fwd(
 
 def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
-    q_offset=0, kv_offset=0, causal=False, scale, block_q, block_kv,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv,
 ):
     """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
 
@@ -178,7 +192,7 @@ def attention_bwd(
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     masking = _Masking(
-        causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
         typed_like=(q, k),
     )

@@ -20,6 +20,7 @@ def ring_attention(
     *,
     axis_name: Hashable | None = None,
     causal: bool = False,
+    window: int | None = None,
     segment_ids=None,
     scale: float | None = None,
     layout: str = "contiguous",
@@ -34,6 +35,9 @@ def ring_attention(
       axis_name: the `shard_map` mesh axis the sequence is sharded over; None: one device.
       causal: a query sees keys at its own global position and before. With a ring, T == S.
         With axis_name=None and T != S the mask is aligned top-left (query i sees keys j <= i).
+      window: sliding window: a query at position i sees keys j with 0 <= i - j < window when
+        causal, |i - j| < window otherwise. With a causal window and the contiguous layout the ring
+        stops after the hops the window reaches, so the cost follows the window, not the length.
       segment_ids: int [B, T] for self-attention (T == S), or a pair (q_ids [B, T], kv_ids [B, S]);
         a query sees only keys with its id. A row that sees no key returns 0, with zero gradient.
       scale: score scale; None: 1 / sqrt(H).
@@ -63,6 +67,16 @@ def ring_attention(
         raise ValueError(
             f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=} and {S=}"
         )
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if layout == "zigzag":
+            raise NotImplementedError(
+                "window with layout='zigzag': a window keeps each device's work near the diagonal, "
+                "which the contiguous layout already balances; use layout='contiguous'"
+            )
+        if ring_size > 1 and T != S:
+            raise ValueError(f"a sliding window over a ring needs equal local lengths, got {T=} and {S=}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
     if scale is None:
@@ -71,7 +85,7 @@ def ring_attention(
         raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
     tiled_T, tiled_S = (T // 2, S // 2) if layout == "zigzag" else (T, S)
     spec = RingSpec(
-        axis_name, bool(causal), float(scale), layout, impl,
+        axis_name, bool(causal), window, float(scale), layout, impl,
         *pallas_kernels.fit_block_sizes(block_sizes, tiled_T, tiled_S),
     )
     return ring_attention_shard(q, k, v, q_seg, kv_seg, spec)

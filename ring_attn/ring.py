@@ -3,7 +3,7 @@
 Each device keeps its query shard. Key/value shards (with their segment ids) travel to the next
 device every step; the send of the shard in hand is issued before the compute on it, so XLA can
 overlap the two. Partial `(out, lse)` merge exactly in float32. In the backward, dk/dv accumulate
-in float32 while travelling with k/v and are back with their owner after the last step.
+in float32 while travelling with k/v and are sent home to their owner after the last step.
 
 Causal work is planned per step, never computed and then masked:
 - contiguous: step 0 is the diagonal; a later step's shard is wholly in the past (computed with
@@ -11,6 +11,7 @@ Causal work is planned per step, never computed and then masked:
 - zigzag: device i holds chunks i and 2R-1-i; after step 0, a shard from a lower rank is seen
   whole by all queries through its first half only, and a shard from a higher rank is seen whole
   by the second query half only: each later step is exactly half a shard's work, unmasked.
+- a causal sliding window (contiguous): the ring stops after the hops the window reaches.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ class RingSpec:
 
     axis_name: Hashable | None
     causal: bool
+    window: int | None
     scale: float
     layout: str
     impl: str
@@ -41,6 +43,14 @@ class RingSpec:
     @property
     def zigzag_causal(self):
         return self.causal and self.layout == "zigzag"
+
+
+def steps_needed(ring_size, shard_len, *, causal, window):
+    """Ring steps that can see anything: all of them, or for a causal window only the shards
+    within reach (step s's nearest key is (s - 1) * shard_len + 1 positions back)."""
+    if window is None or not causal:
+        return ring_size
+    return min(ring_size, -(-(window - 1) // shard_len) + 1)
 
 
 def merge(out1, lse1, out2, lse2):
@@ -58,8 +68,9 @@ def _ring_position(axis_name):
     return lax.axis_size(axis_name), lax.axis_index(axis_name)
 
 
-def _send_to_next(x, axis_name, ring_size):
-    perm = [(i, (i + 1) % ring_size) for i in range(ring_size)]
+def _shift(x, axis_name, ring_size, hops=1):
+    """Sends every device's `x` to the device `hops` further round the ring."""
+    perm = [(i, (i + hops) % ring_size) for i in range(ring_size)]
     return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
 
 
@@ -68,157 +79,160 @@ def _halves(x, axis):
     return lax.slice_in_dim(x, 0, c, axis=axis), lax.slice_in_dim(x, c, None, axis=axis)
 
 
-def _first_half(tree, axis=1):
-    return jax.tree.map(lambda a: _halves(a, axis)[0], tree)
+def _part(x, part, axis=1):
+    """`x`, or its first or second half along `axis` (the zigzag chunks)."""
+    if x is None or part == "all":
+        return x
+    return _halves(x, axis)[0 if part == "first" else 1]
 
 
-def _second_half(tree, axis=1):
-    return jax.tree.map(lambda a: _halves(a, axis)[1], tree)
+def _place(part, full, value, axis):
+    """`value`, computed for a half, written into `full`'s shape (the other half from `full`)."""
+    if part == "all":
+        return value
+    a, b = _halves(full, axis)
+    return jnp.concatenate([value, b] if part == "first" else [a, value], axis)
 
 
-def _run_ring(first_step, step, carry_kv, spec):
-    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` for steps 1..R-1.
+def _pad(part, value, axis=1):
+    """`value`, computed for a half, as a full-size contribution with zeros in the other half."""
+    if part == "all":
+        return value
+    zeros = jnp.zeros_like(value)
+    return jnp.concatenate([value, zeros] if part == "first" else [zeros, value], axis)
 
-    `src` is the rank whose k/v shard is in hand. The shard for step s+1 is sent before step s
-    computes; the last step sends nothing.
-    """
+
+def _run_ring(first_step, step, kv, spec, num_steps):
+    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` for steps
+    1..num_steps-1, where `src` is the rank whose k/v shard is in hand. The shard for step s+1
+    is sent before step s computes; the last step sends nothing."""
     ring_size, rank = _ring_position(spec.axis_name)
-    kv = carry_kv
-    if ring_size == 1:
+    if num_steps == 1:
         return first_step(kv)
-    kv_next = _send_to_next(kv, spec.axis_name, ring_size)
+    kv_next = _shift(kv, spec.axis_name, ring_size)
     carry = first_step(kv)
 
     def body(state, s):
         carry, kv = state
-        kv_next = _send_to_next(kv, spec.axis_name, ring_size)
+        kv_next = _shift(kv, spec.axis_name, ring_size)
         return (step(carry, kv, (rank - s) % ring_size), kv_next), None
 
-    (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, ring_size - 1))
-    return step(carry, kv, (rank - (ring_size - 1)) % ring_size)
+    (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, num_steps - 1))
+    return step(carry, kv, (rank - (num_steps - 1)) % ring_size)
+
+
+class _Plan:
+    """Which kernel calls each ring step makes, shared by the forward and the backward.
+
+    `call(q_part, kv_part, **masking)` runs the kernel on (a half of) the local queries and (a
+    half of) the shard in hand; parts are "all", "first" or "second".
+    """
+
+    def __init__(self, spec, T, S):
+        self.spec = spec
+        self.ring_size, self.rank = _ring_position(spec.axis_name)
+        self.T, self.S = T, S
+        self.num_steps = steps_needed(self.ring_size, T, causal=spec.causal, window=spec.window)
+
+    def first_step(self, call):
+        spec = self.spec
+        if not spec.zigzag_causal:
+            return [call("all", "all", causal=spec.causal, window=spec.window)]
+        # Local chunks a (rank i) and b (rank 2R-1-i): a sees a causally; b sees a whole and b
+        # causally, which is the causal mask of b against [a; b] placed at relative offset T/2.
+        return [
+            call("first", "first", causal=True),
+            call("second", "all", causal=True, q_offset=self.T // 2),
+        ]
+
+    def later_step(self, src, call, skip):
+        """Traced over `src`: the result of the step's calls (combined by the caller's `call`)."""
+        spec = self.spec
+        if not spec.causal and spec.window is None:
+            return call("all", "all", causal=False)
+        if spec.window is not None:
+            # Global offsets (traced): the kernel skips tiles beyond the window.
+            offsets = dict(q_offset=self.rank * self.T, kv_offset=src * self.S)
+            attend = lambda: call("all", "all", causal=spec.causal, window=spec.window, **offsets)  # noqa: E731
+            return attend() if not spec.causal else lax.cond(src < self.rank, attend, skip)
+        if spec.layout == "contiguous":
+            return lax.cond(src < self.rank, lambda: call("all", "all", causal=False), skip)
+        # zigzag: a lower rank's shard is seen by all queries through its first half; a higher
+        # rank's shard is seen whole by the second query half.
+        return lax.cond(
+            src < self.rank,
+            lambda: call("all", "first", causal=False),
+            lambda: call("second", "all", causal=False),
+        )
 
 
 def _forward(q, k, v, q_seg, kv_seg, spec):
-    _, rank = _ring_position(spec.axis_name)
+    plan = _Plan(spec, q.shape[1], k.shape[1])
     shard_fwd = functools.partial(
         pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale,
         block_q=spec.block_q, block_kv=spec.block_kv,
     )
 
-    def attend(q, q_seg, kv, **masking):
-        k, v, kv_seg = kv
-        return shard_fwd(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, **masking)
+    def partial_attention(q_part, kv_part, kv, **masking):
+        k_, v_, kv_seg_ = (_part(x, kv_part) for x in kv)
+        return shard_fwd(
+            _part(q, q_part), k_, v_, q_segment_ids=_part(q_seg, q_part), kv_segment_ids=kv_seg_, **masking
+        )
 
     def first_step(kv):
-        if not spec.zigzag_causal:
-            return attend(q, q_seg, kv, causal=spec.causal)
-        # Local chunks a (rank i) and b (rank 2R-1-i): a sees a causally; b sees a whole and b
-        # causally, which is the causal mask of b against [a; b] placed at relative offset c.
-        (q_a, q_b), (seg_a, seg_b) = _halves(q, 1), _split(q_seg)
-        out_a, lse_a = attend(q_a, seg_a, _first_half(kv), causal=True)
-        out_b, lse_b = attend(q_b, seg_b, kv, causal=True, q_offset=q.shape[1] // 2)
-        return jnp.concatenate([out_a, out_b], 1), jnp.concatenate([lse_a, lse_b], 2)
+        parts = plan.first_step(functools.partial(partial_attention, kv=kv))
+        outs, lses = zip(*parts)
+        return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2)
 
     def step(state, kv, src):
-        if not spec.causal:
-            return merge(*state, *attend(q, q_seg, kv, causal=False))
-        if spec.layout == "contiguous":
-            return lax.cond(src < rank, lambda s: merge(*s, *attend(q, q_seg, kv, causal=False)), lambda s: s, state)
+        def merged(q_part, kv_part, **masking):
+            out, lse = partial_attention(q_part, kv_part, kv, **masking)
+            full_out, full_lse = state
+            new_out, new_lse = merge(_part(full_out, q_part, 1), _part(full_lse, q_part, 2), out, lse)
+            return _place(q_part, full_out, new_out, 1), _place(q_part, full_lse, new_lse, 2)
 
-        def from_lower_rank(state):  # all queries x first kv half
-            return merge(*state, *attend(q, q_seg, _first_half(kv), causal=False))
+        return plan.later_step(src, merged, lambda: state)
 
-        def from_higher_rank(state):  # second query half x all kv
-            out, lse = state
-            (out_a, out_b), (lse_a, lse_b) = _halves(out, 1), _halves(lse, 2)
-            out_b, lse_b = merge(out_b, lse_b, *attend(_halves(q, 1)[1], _split(q_seg)[1], kv, causal=False))
-            return jnp.concatenate([out_a, out_b], 1), jnp.concatenate([lse_a, lse_b], 2)
-
-        return lax.cond(src < rank, from_lower_rank, from_higher_rank, state)
-
-    return _run_ring(first_step, step, (k, v, kv_seg), spec)
+    return _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
 
 
-def _split(seg):
-    return (None, None) if seg is None else _halves(seg, 1)
-
-
-def _backward_contributions(q, q_seg, stats, spec):
-    """The per-step backward: (dq, dk, dv) float32 contributions of the shard in hand."""
-    _, rank = _ring_position(spec.axis_name)
+def _backward(spec, residuals, d_out):
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    plan = _Plan(spec, q.shape[1], k.shape[1])
+    delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     shard_bwd = functools.partial(
         pallas_kernels.attention_bwd, impl=spec.impl, scale=spec.scale,
         block_q=spec.block_q_dkv, block_kv=spec.block_kv_dkv,
     )
 
-    def grads(q, q_seg, stats, kv, **masking):
-        (k, v, kv_seg), (d_out, lse, delta) = kv, stats
-        return shard_bwd(
-            q, k, v, None, lse, d_out, delta=delta, q_segment_ids=q_seg, kv_segment_ids=kv_seg, **masking
+    def contributions(q_part, kv_part, kv, **masking):
+        """Full-size float32 (dq, dk, dv) from the kernel on the given halves."""
+        k_, v_, kv_seg_ = (_part(x, kv_part) for x in kv)
+        dq, dk, dv = shard_bwd(
+            _part(q, q_part), k_, v_, None, _part(lse, q_part, 2), _part(d_out, q_part),
+            delta=_part(delta, q_part, 2), q_segment_ids=_part(q_seg, q_part), kv_segment_ids=kv_seg_, **masking,
         )
+        return _pad(q_part, dq), _pad(kv_part, dk), _pad(kv_part, dv)
 
-    def split_stats(stats):
-        d_out, lse, delta = stats
-        (do_a, do_b), (lse_a, lse_b), (delta_a, delta_b) = _halves(d_out, 1), _halves(lse, 2), _halves(delta, 2)
-        return (do_a, lse_a, delta_a), (do_b, lse_b, delta_b)
-
-    def first_step(kv):
-        if not spec.zigzag_causal:
-            return grads(q, q_seg, stats, kv, causal=spec.causal)
-        (q_a, q_b), (seg_a, seg_b), (st_a, st_b) = _halves(q, 1), _split(q_seg), split_stats(stats)
-        dq_a, dk_a, dv_a = grads(q_a, seg_a, st_a, _first_half(kv), causal=True)
-        dq_b, dk, dv = grads(q_b, seg_b, st_b, kv, causal=True, q_offset=q.shape[1] // 2)
-        c = dk_a.shape[1]
-        return jnp.concatenate([dq_a, dq_b], 1), dk.at[:, :c].add(dk_a), dv.at[:, :c].add(dv_a)
-
-    def step(kv, src):
-        if not spec.causal:
-            return grads(q, q_seg, stats, kv, causal=False)
-
-        def nothing(kv):
-            k, v, _ = kv
-            return (
-                pallas_kernels.match_vma(jnp.zeros_like(q, jnp.float32), k, *stats),
-                pallas_kernels.match_vma(jnp.zeros_like(k, jnp.float32), q, *stats),
-                pallas_kernels.match_vma(jnp.zeros_like(v, jnp.float32), q, *stats),
-            )
-
-        if spec.layout == "contiguous":
-            return lax.cond(src < rank, lambda kv: grads(q, q_seg, stats, kv, causal=False), nothing, kv)
-
-        def from_lower_rank(kv):  # all queries x first kv half
-            dq, dk_a, dv_a = grads(q, q_seg, stats, _first_half(kv), causal=False)
-            return dq, jnp.concatenate([dk_a, jnp.zeros_like(dk_a)], 1), jnp.concatenate([dv_a, jnp.zeros_like(dv_a)], 1)
-
-        def from_higher_rank(kv):  # second query half x all kv
-            dq_b, dk, dv = grads(_halves(q, 1)[1], _split(q_seg)[1], split_stats(stats)[1], kv, causal=False)
-            return jnp.concatenate([jnp.zeros_like(dq_b), dq_b], 1), dk, dv
-
-        return lax.cond(src < rank, from_lower_rank, from_higher_rank, kv)
-
-    return first_step, step
-
-
-def _backward(spec, residuals, d_out):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
-    ring_size, _ = _ring_position(spec.axis_name)
-    delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    first_contrib, contrib = _backward_contributions(q, q_seg, (d_out, lse, delta), spec)
+    def nothing():
+        like = (q, k, v, d_out, lse)
+        return tuple(pallas_kernels.match_vma(jnp.zeros_like(x, jnp.float32), *like) for x in (q, k, v))
 
     def first_step(kv):
-        dq, dk, dv = first_contrib(kv)
+        parts = plan.first_step(functools.partial(contributions, kv=kv))
+        dq, dk, dv = (functools.reduce(jnp.add, xs) for xs in zip(*parts))
         return dq, (dk, dv)
 
     def step(carry, kv, src):
         dq, dkv = carry
         # The accumulator of the shard now in hand arrives while this step computes.
-        dkv = _send_to_next(dkv, spec.axis_name, ring_size)
-        dq_s, dk_s, dv_s = contrib(kv, src)
+        dkv = _shift(dkv, spec.axis_name, plan.ring_size)
+        dq_s, dk_s, dv_s = plan.later_step(src, functools.partial(contributions, kv=kv), nothing)
         return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
-    dq, dkv = _run_ring(first_step, step, (k, v, kv_seg), spec)
-    if ring_size > 1:
-        dkv = _send_to_next(dkv, spec.axis_name, ring_size)  # home to the owner
+    dq, dkv = _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
+    if plan.num_steps > 1:  # home to the owner, num_steps - 1 hops back
+        dkv = _shift(dkv, spec.axis_name, plan.ring_size, hops=1 - plan.num_steps)
     dk, dv = dkv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 

@@ -1,0 +1,532 @@
+"""Blockwise (flash) attention as TPU Pallas (Mosaic) kernels: the kernel contract of `attention_xla`.
+
+Same inputs, outputs and masking rules as `attention_xla.attention_fwd` / `attention_bwd`, so the
+two are interchangeable. Layout: q/k/v stay `[B, L, heads, H]` in HBM, viewed as `[B, L, heads * Hp]`
+with H zero-padded to a lane multiple `Hp`, so one head of one tile is a `[block, Hp]` block that the
+BlockSpec DMAs directly (no transposes; no copy at all when H is a multiple of 128). Grouped-query
+attention is an index map: query head n reads key/value head n // (N // K).
+
+Global positions `q_offset` / `kv_offset` are scalar-prefetched (traced scalars are fine), so one
+compiled kernel serves every ring step. Tiles that causality, the window or disjoint segment ids
+hide entirely are skipped with `pl.when`; for causality and the window the index maps also clamp
+the streamed block index into the visible range, so a skipped tile repeats the previous block
+index and is not fetched again.
+
+Grids (the streamed axis innermost, "arbitrary"; the others "parallel"):
+- forward and dq: (B, N, q blocks, kv blocks);
+- dk/dv: (B, K, kv blocks, G = N // K, q blocks): the sum over the query heads of a group happens
+  inside the kernel, in the float32 accumulators, so no per-query-head dk/dv is materialised.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# Finite, so masked scores never make inf - inf; rows that see no key are detected and zeroed.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+NUM_LANES = 128
+# A running max above this has seen a real score, not only MASK_VALUE.
+_SEEN_THRESHOLD = 0.5 * MASK_VALUE
+# dot_general dimension numbers: a @ b and a @ b.T.
+_NN_DIMS = (((1,), (0,)), ((), ()))
+_NT_DIMS = (((1,), (1,)), ((), ()))
+
+
+def attention_fwd(
+    q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
+    causal=False, window=None, scale, block_q, block_kv, interpret=None,
+):
+    """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+
+    A query at global position i sees the key at j when causal allows (i >= j), the segment ids
+    match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
+    Rows that see no key give out 0 and lse -inf. `interpret`: None compiles for TPU; pass
+    `pltpu.InterpretParams()` to run anywhere.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv)
+    mask = _Mask(causal=causal, window=window, segments=q_segment_ids is not None,
+                 block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
+    Hp = _padded_head_dim(H)
+    prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
+    q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
+    out, lse = _build_fwd(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(
+        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids
+    )
+    return _heads_split(out, N, H), lse[..., 0]
+
+
+def attention_bwd(
+    q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv, interpret=None,
+):
+    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
+
+    `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
+    `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None (then
+    `out` is needed, otherwise it may be None). dk/dv of a key/value head sum over the query
+    heads of its group inside the dk/dv kernel.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv)
+    if delta is None:
+        if out is None:
+            raise ValueError("attention_bwd needs `out` or `delta`")
+        delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    mask = _Mask(causal=causal, window=window, segments=q_segment_ids is not None,
+                 block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
+    Hp = _padded_head_dim(H)
+    prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
+    q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
+    # A row that saw no key has lse -inf: +inf instead makes its p = exp(s - lse) exactly 0.
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))[:, :, None, :]  # [B, N, 1, T]
+    delta = delta.astype(jnp.float32)[:, :, None, :]
+    q_, k_, v_, do_ = (_heads_minor(x, Hp) for x in (q, k, v, d_out))
+    operands = (*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
+    dq = _build_bwd_dq(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(*operands)
+    dk, dv = _build_bwd_dkv(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(*operands)
+    return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
+
+
+def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, T, N, H] and k, v [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}")
+    B, T, N, H = q.shape
+    _, S, K, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != H:
+        raise ValueError(f"q {q.shape} and k/v {k.shape} disagree on batch or head dim")
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
+    if T % block_q or S % block_kv:
+        raise ValueError(f"block_q={block_q} must divide T={T} and block_kv={block_kv} must divide S={S}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None and (q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S)):
+        raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_segment_ids.shape}, {kv_segment_ids.shape}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+
+
+def _padded_head_dim(H):
+    return -(-H // NUM_LANES) * NUM_LANES
+
+
+def _heads_minor(x, Hp):
+    """[B, L, heads, H] -> [B, L, heads * Hp]: head h is the lane-aligned column block h."""
+    if x.shape[-1] != Hp:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, Hp - x.shape[-1])))
+    return x.reshape(*x.shape[:2], -1)
+
+
+def _heads_split(x, heads, H):
+    """[B, L, heads * Hp] -> [B, L, heads, H]."""
+    return x.reshape(*x.shape[:2], heads, -1)[..., :H]
+
+
+def _ids_as_rows(ids):
+    """[B, L] -> [B, 1, L]: a tile's ids are a lane-major [1, block] row."""
+    return None if ids is None else ids.astype(jnp.int32)[:, None, :]
+
+
+def _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids):
+    """SMEM operands: the two offsets and, with segments, each tile's (min, max) segment id."""
+    offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
+    if not mask.segments:
+        return offsets, None, None
+    return offsets, _tile_id_ranges(q_segment_ids, mask.block_q), _tile_id_ranges(kv_segment_ids, mask.block_kv)
+
+
+def _tile_id_ranges(ids, block):
+    """[B, L] -> flat [B * (L // block) * 2]: (min, max) id per tile (1-D: SMEM pads 2-D arrays)."""
+    B, L = ids.shape
+    tiles = ids.astype(jnp.int32).reshape(B, L // block, block)
+    return jnp.stack([tiles.min(-1), tiles.max(-1)], axis=-1).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mask:
+    """Static masking rules: which tiles may hold a visible pair, and the mask inside a tile."""
+
+    causal: bool
+    window: int | None
+    segments: bool
+    block_q: int
+    block_kv: int
+    num_q_blocks: int
+    num_kv_blocks: int
+
+    def bounds(self, i, j, offsets_ref):
+        """Global (q_first, q_last, kv_first, kv_last) of tiles i and j."""
+        q_first = offsets_ref[0] + i * self.block_q
+        kv_first = offsets_ref[1] + j * self.block_kv
+        return q_first, q_first + self.block_q - 1, kv_first, kv_first + self.block_kv - 1
+
+    def tile_visible(self, b, i, j, offsets_ref, q_range_ref, kv_range_ref):
+        """Scalar bool (None: always) that some query of tile i may see some key of tile j."""
+        q_first, q_last, kv_first, kv_last = self.bounds(i, j, offsets_ref)
+        conditions = []
+        if self.causal:
+            conditions.append(q_last >= kv_first)
+        if self.window is not None:
+            conditions.append(q_first - kv_last < self.window)
+            if not self.causal:
+                conditions.append(kv_first - q_last < self.window)
+        if self.segments:
+            # Disjoint id ranges cannot share an id (exact for the sorted ids packing produces).
+            qi, kj = 2 * (b * self.num_q_blocks + i), 2 * (b * self.num_kv_blocks + j)
+            conditions.append(
+                jnp.logical_and(q_range_ref[qi] <= kv_range_ref[kj + 1], kv_range_ref[kj] <= q_range_ref[qi + 1])
+            )
+        return functools.reduce(jnp.logical_and, conditions) if conditions else None
+
+    def clamp_kv_block(self, i, j, offsets_ref):
+        """kv block j moved into the range query tile i may see: skipped steps refetch nothing."""
+        if not self.causal and self.window is None:
+            return j
+        q_first, q_last, _, _ = self.bounds(i, 0, offsets_ref)
+        kv_offset, count = offsets_ref[1], self.num_kv_blocks
+        lo = hi = None
+        if self.window is not None:
+            lo = _block_of(q_first - self.window + 1 - kv_offset, self.block_kv, count)
+        if self.causal:
+            hi = _block_of(q_last - kv_offset, self.block_kv, count)
+        elif self.window is not None:
+            hi = _block_of(q_last + self.window - 1 - kv_offset, self.block_kv, count)
+        return _clamp(j, lo, hi)
+
+    def clamp_q_block(self, i, j, offsets_ref):
+        """q block i moved into the range whose queries may see key tile j."""
+        if not self.causal and self.window is None:
+            return i
+        _, _, kv_first, kv_last = self.bounds(0, j, offsets_ref)
+        q_offset, count = offsets_ref[0], self.num_q_blocks
+        lo = hi = None
+        if self.causal:
+            lo = _block_of(kv_first - q_offset, self.block_q, count)
+        elif self.window is not None:
+            lo = _block_of(kv_first - self.window + 1 - q_offset, self.block_q, count)
+        if self.window is not None:
+            hi = _block_of(kv_last + self.window - 1 - q_offset, self.block_q, count)
+        return _clamp(i, lo, hi)
+
+    def element_mask(self, q_pos, kv_pos, q_ids, kv_ids):
+        """Bool tile (None: all visible) from int32 position tiles and broadcastable id tiles."""
+        masks = []
+        if self.causal or self.window is not None:
+            distance = q_pos - kv_pos
+        if self.causal:
+            masks.append(distance >= 0)
+        if self.window is not None:
+            masks.append(distance < self.window)
+            if not self.causal:
+                masks.append(distance > -self.window)
+        if self.segments:
+            masks.append(q_ids == kv_ids)
+        return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+def _block_of(position, block, count):
+    """Index of the block holding `position`, clamped into [0, count); positions are int32 scalars."""
+    return jnp.minimum(lax.div(jnp.maximum(position, 0), jnp.int32(block)), count - 1)
+
+
+def _clamp(index, lo, hi):
+    if lo is not None:
+        index = jnp.maximum(index, lo)
+    if hi is not None:
+        index = jnp.minimum(index, hi)
+    return index
+
+
+def _when(condition, body):
+    """`pl.when` that also takes None for an always-true condition."""
+    if condition is None:
+        body()
+    else:
+        pl.when(condition)(body)
+
+
+def _lanes(x, n):
+    """A lane-replicated [rows, 128] statistic as [rows, n] (or [rows, 1], which broadcasts)."""
+    if n == NUM_LANES:
+        return x
+    if n % NUM_LANES == 0:
+        return jnp.tile(x, (1, n // NUM_LANES))
+    if n < NUM_LANES:
+        return x[:, :n]
+    return x[:, :1]
+
+
+# Index maps. Grid (b, n, i, j) for the forward and dq; (b, kv_head, j, g, i) for dk/dv. The
+# trailing arguments are the scalar-prefetch refs (offsets, q id ranges, kv id ranges).
+
+
+def _q_rows_index(b, n, i, j, offsets_ref, *_):
+    return b, i, n
+
+
+def _q_stat_index(b, n, i, j, offsets_ref, *_):
+    return b, n, 0, i
+
+
+def _q_ids_index(b, n, i, j, offsets_ref, *_):
+    return b, 0, i
+
+
+def _kv_rows_index(b, n, i, j, offsets_ref, *_, mask, group):
+    return b, mask.clamp_kv_block(i, j, offsets_ref), n // group
+
+
+def _kv_ids_index(b, n, i, j, offsets_ref, *_, mask):
+    return b, 0, mask.clamp_kv_block(i, j, offsets_ref)
+
+
+def _lse_out_index(b, n, i, j, offsets_ref, *_):
+    return b, n, i, 0
+
+
+def _dkv_q_rows_index(b, h, j, g, i, offsets_ref, *_, mask, group):
+    return b, mask.clamp_q_block(i, j, offsets_ref), h * group + g
+
+
+def _dkv_q_stat_index(b, h, j, g, i, offsets_ref, *_, mask, group):
+    return b, h * group + g, 0, mask.clamp_q_block(i, j, offsets_ref)
+
+
+def _dkv_q_ids_index(b, h, j, g, i, offsets_ref, *_, mask):
+    return b, 0, mask.clamp_q_block(i, j, offsets_ref)
+
+
+def _dkv_kv_rows_index(b, h, j, g, i, offsets_ref, *_):
+    return b, j, h
+
+
+def _dkv_kv_ids_index(b, h, j, g, i, offsets_ref, *_):
+    return b, 0, j
+
+
+def _segment_specs(mask, q_ids_index, kv_ids_index):
+    if not mask.segments:
+        return [None, None]
+    return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
+
+
+def _build_fwd(mask, *, B, N, K, Hp, scale, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    T = mask.num_q_blocks * bq
+    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
+    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
+    in_specs = [q_spec, kv_spec, kv_spec,
+                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
+    out_specs = [q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32),
+        # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
+        jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32),
+    ]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, mask=mask, scale=scale),
+        out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=[
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, Hp), jnp.float32),
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_fwd",
+    )
+
+
+def _build_bwd_dq(mask, *, B, N, K, Hp, scale, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    T = mask.num_q_blocks * bq
+    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
+    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
+    stat_spec = pl.BlockSpec((None, None, 1, bq), _q_stat_index)
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
+    return pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, mask=mask, scale=scale),
+        out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, Hp), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_bwd_dq",
+    )
+
+
+def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    S = mask.num_kv_blocks * bk
+    q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
+    kv_spec = pl.BlockSpec((None, bk, Hp), _dkv_kv_rows_index)
+    stat_spec = pl.BlockSpec((None, None, 1, bq), functools.partial(_dkv_q_stat_index, mask=mask, group=G))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+                *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
+    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale),
+        out_shape=[dkv_shape, dkv_shape],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, K, mask.num_kv_blocks, G, mask.num_q_blocks),
+            in_specs=in_specs,
+            out_specs=[kv_spec, kv_spec],
+            scratch_shapes=[pltpu.VMEM((bk, Hp), jnp.float32), pltpu.VMEM((bk, Hp), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_bwd_dkv",
+    )
+
+
+def _fwd_kernel(
+    offsets_ref, q_range_ref, kv_range_ref,  # scalar prefetch (SMEM)
+    q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
+    o_ref, lse_ref,  # outputs
+    m_scratch_ref, l_scratch_ref, acc_scratch_ref,
+    *, mask, scale,
+):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    bk, Hp = mask.block_kv, acc_scratch_ref.shape[-1]
+
+    @pl.when(j == 0)
+    def _init():
+        m_scratch_ref[...] = jnp.full(m_scratch_ref.shape, MASK_VALUE, jnp.float32)
+        l_scratch_ref[...] = jnp.zeros(l_scratch_ref.shape, jnp.float32)
+        acc_scratch_ref[...] = jnp.zeros(acc_scratch_ref.shape, jnp.float32)
+
+    def _compute():
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale  # [bq, bk]
+        q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
+        visible = mask.element_mask(
+            q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
+            kv_first + lax.broadcasted_iota(jnp.int32, s.shape, 1),
+            None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
+            None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
+        )
+        if visible is not None:
+            s = jnp.where(visible, s, MASK_VALUE)
+        m_prev, l_prev = m_scratch_ref[...], l_scratch_ref[...]  # [bq, 128], lanes equal
+        m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])
+        p = jnp.exp(s - _lanes(m_next, bk))
+        alpha = jnp.exp(m_prev - m_next)
+        l_scratch_ref[...] = alpha * l_prev + p.sum(axis=-1)[:, None]
+        m_scratch_ref[...] = m_next
+        pv = lax.dot_general(p.astype(v.dtype), v, _NN_DIMS, preferred_element_type=jnp.float32)
+        acc_scratch_ref[...] = _lanes(alpha, Hp) * acc_scratch_ref[...] + pv
+
+    _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)
+
+    @pl.when(j == mask.num_kv_blocks - 1)
+    def _finish():
+        m, l = m_scratch_ref[...], l_scratch_ref[...]
+        # Rows whose max is still MASK_VALUE saw no key (l counted masked entries): out 0, lse -inf.
+        seen = m > _SEEN_THRESHOLD
+        l_safe = jnp.where(seen, l, 1.0)
+        inv_l = jnp.where(seen, 1.0 / l_safe, 0.0)
+        o_ref[...] = acc_scratch_ref[...] * _lanes(inv_l, Hp)
+        lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+
+
+def _bwd_dq_kernel(
+    offsets_ref, q_range_ref, kv_range_ref,  # scalar prefetch (SMEM)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,  # inputs
+    dq_ref,  # output
+    dq_scratch_ref,
+    *, mask, scale,
+):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scratch_ref[...] = jnp.zeros(dq_scratch_ref.shape, jnp.float32)
+
+    def _compute():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale  # [bq, bk]
+        q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
+        visible = mask.element_mask(
+            q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
+            kv_first + lax.broadcasted_iota(jnp.int32, s.shape, 1),
+            None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
+            None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
+        )
+        if visible is not None:
+            s = jnp.where(visible, s, MASK_VALUE)
+        p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))  # lse [bq, 1]; masked entries give 0
+        dp = lax.dot_general(do.astype(v.dtype), v, _NT_DIMS, preferred_element_type=jnp.float32)
+        ds = p * (dp - jnp.expand_dims(delta_ref[0], -1))
+        dq_scratch_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN_DIMS, preferred_element_type=jnp.float32)
+
+    _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)
+
+    @pl.when(j == mask.num_kv_blocks - 1)
+    def _finish():
+        dq_ref[...] = dq_scratch_ref[...] * scale
+
+
+def _bwd_dkv_kernel(
+    offsets_ref, q_range_ref, kv_range_ref,  # scalar prefetch (SMEM)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,  # inputs
+    dk_ref, dv_ref,  # outputs
+    dk_scratch_ref, dv_scratch_ref,
+    *, mask, scale,
+):
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+
+    @pl.when(jnp.logical_and(g == 0, i == 0))
+    def _init():
+        dk_scratch_ref[...] = jnp.zeros(dk_scratch_ref.shape, jnp.float32)
+        dv_scratch_ref[...] = jnp.zeros(dv_scratch_ref.shape, jnp.float32)
+
+    def _compute():
+        # Transposed scores [bk, bq]: the per-query statistics are lane-major rows, as loaded.
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s_t = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32) * scale
+        q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
+        visible = mask.element_mask(
+            q_first + lax.broadcasted_iota(jnp.int32, s_t.shape, 1),
+            kv_first + lax.broadcasted_iota(jnp.int32, s_t.shape, 0),
+            None if q_ids_ref is None else q_ids_ref[...],  # [1, bq]
+            None if kv_ids_ref is None else jnp.expand_dims(kv_ids_ref[0], -1),  # [bk, 1]
+        )
+        if visible is not None:
+            s_t = jnp.where(visible, s_t, MASK_VALUE)
+        p_t = jnp.exp(s_t - lse_ref[...])  # lse [1, bq]; masked entries give 0
+        dv_scratch_ref[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN_DIMS, preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do.astype(v.dtype), _NT_DIMS, preferred_element_type=jnp.float32)
+        ds_t = p_t * (dp_t - delta_ref[...])
+        dk_scratch_ref[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN_DIMS, preferred_element_type=jnp.float32)
+
+    _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)
+
+    @pl.when(jnp.logical_and(g == pl.num_programs(3) - 1, i == mask.num_q_blocks - 1))
+    def _finish():
+        dk_ref[...] = dk_scratch_ref[...] * scale
+        dv_ref[...] = dv_scratch_ref[...]
