@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.attention_xla import match_vma
+
 # Finite, so masked scores never make inf - inf; rows that see no key are detected and zeroed.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_LANES = 128
@@ -50,16 +52,15 @@ def attention_fwd(
     `pltpu.InterpretParams()` to run anywhere.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv)
-    mask = _Mask(causal=causal, window=window, segments=q_segment_ids is not None,
-                 block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
+    K = k.shape[2]
+    mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret)
     Hp = _padded_head_dim(H)
     prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
-    out, lse = _build_fwd(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(
+    operands, vma = _unify_vma(
         *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids
     )
+    out, lse = _build_fwd(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
     return _heads_split(out, N, H), lse[..., 0]
 
 
@@ -75,14 +76,12 @@ def attention_bwd(
     heads of its group inside the dk/dv kernel.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv)
+    K = k.shape[2]
+    mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret)
     if delta is None:
         if out is None:
             raise ValueError("attention_bwd needs `out` or `delta`")
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    mask = _Mask(causal=causal, window=window, segments=q_segment_ids is not None,
-                 block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
     Hp = _padded_head_dim(H)
     prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
@@ -90,13 +89,14 @@ def attention_bwd(
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))[:, :, None, :]  # [B, N, 1, T]
     delta = delta.astype(jnp.float32)[:, :, None, :]
     q_, k_, v_, do_ = (_heads_minor(x, Hp) for x in (q, k, v, d_out))
-    operands = (*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
-    dq = _build_bwd_dq(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(*operands)
-    dk, dv = _build_bwd_dkv(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, interpret=interpret)(*operands)
+    operands, vma = _unify_vma(*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
+    dq = _build_bwd_dq(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
+    dk, dv = _build_bwd_dkv(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
     return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
 
 
-def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block_kv):
+def _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret):
+    """The static masking rules, after validating shapes and block sizes."""
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, T, N, H] and k, v [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}")
     B, T, N, H = q.shape
@@ -111,8 +111,15 @@ def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, block_q, block
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     if q_segment_ids is not None and (q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S)):
         raise ValueError(f"segment ids must be [B, T] and [B, S]; got {q_segment_ids.shape}, {kv_segment_ids.shape}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if interpret is None:
+        # Per-row statistics and segment ids are lane-major [1, block] tiles on TPU.
+        for name, block, length in (("block_q", block_q, T), ("block_kv", block_kv, S)):
+            if block % NUM_LANES and block != length:
+                raise ValueError(f"on TPU {name}={block} must be a multiple of {NUM_LANES} or the whole length {length}")
+    return _Mask(causal=bool(causal), window=None if window is None else int(window), segments=q_segment_ids is not None, block_q=block_q,
+                 block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
 
 
 def _padded_head_dim(H):
@@ -129,6 +136,15 @@ def _heads_minor(x, Hp):
 def _heads_split(x, heads, H):
     """[B, L, heads * Hp] -> [B, L, heads, H]."""
     return x.reshape(*x.shape[:2], heads, -1)[..., :H]
+
+
+def _unify_vma(*operands):
+    """shard_map typing: the operands (None skipped; the first is never None) made varying over
+    the union of their manual axes, and that type, which pallas_call's outputs need under
+    `check_vma=True`."""
+    present = [x for x in operands if x is not None]
+    operands = tuple(None if x is None else match_vma(x, *present) for x in operands)
+    return operands, jax.typeof(operands[0]).manual_axis_type
 
 
 def _ids_as_rows(ids):
@@ -319,7 +335,7 @@ def _segment_specs(mask, q_ids_index, kv_ids_index):
     return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
 
 
-def _build_fwd(mask, *, B, N, K, Hp, scale, interpret):
+def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
     q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
@@ -328,9 +344,9 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, interpret):
                 *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
     out_specs = [q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
     out_shape = [
-        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32),
+        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
         # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
-        jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32),
+        jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32, manual_axis_type=vma),
     ]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, scale=scale),
@@ -352,7 +368,7 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, interpret):
     )
 
 
-def _build_bwd_dq(mask, *, B, N, K, Hp, scale, interpret):
+def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
     q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
@@ -362,7 +378,7 @@ def _build_bwd_dq(mask, *, B, N, K, Hp, scale, interpret):
                 *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
     return pl.pallas_call(
         functools.partial(_bwd_dq_kernel, mask=mask, scale=scale),
-        out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
@@ -376,7 +392,7 @@ def _build_bwd_dq(mask, *, B, N, K, Hp, scale, interpret):
     )
 
 
-def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, interpret):
+def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     S = mask.num_kv_blocks * bk
     q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
@@ -384,7 +400,7 @@ def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, interpret):
     stat_spec = pl.BlockSpec((None, None, 1, bq), functools.partial(_dkv_q_stat_index, mask=mask, group=G))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
                 *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
-    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32)
+    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma)
     return pl.pallas_call(
         functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale),
         out_shape=[dkv_shape, dkv_shape],

@@ -1,0 +1,524 @@
+"""Flash attention as Pallas GPU kernels (Triton lowering): the kernel contract of `attention_xla`.
+
+Same arguments, same results: the forward returns the normalised output and its log-sum-exp,
+both float32; the backward recomputes the probabilities from that `lse`. Global positions enter
+as `q_offset` / `kv_offset`, which may be traced: they reach the kernels as a small int32 operand,
+so one compiled kernel serves every ring step.
+
+Three kernels: the forward (grid: query tile x batch x query head), the dq kernel (the same grid)
+and the dk/dv kernel (grid: key tile x batch x key/value head, looping over the query heads of
+its group, so dk/dv come out already summed over the group). A query head n reads key/value
+head n // (N // K) through the index maps; K/V are never repeated. Key (query) tiles that no
+query (key) of the program's tile can see are never loaded: the causal diagonal and the window
+bound the loops, and tiles whose segment id ranges are disjoint are skipped by `lax.cond`.
+
+Triton needs power-of-two tensor dimensions of at least 16 in `tl.dot`, so the head dim is
+zero-padded to a power of two (80 -> 128), and a block whose largest power-of-two divisor is
+below 16 is padded to a multiple of 16 rows; the padding is masked out and sliced off. Blocks
+larger than the kernel's tile cap run as several tiles of the cap: the caller's block is the
+unit of padding, the tile the unit of work.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.attention_xla import match_vma
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Smallest tensor dimension Triton's dot accepts.
+MIN_TILE = 16
+# Largest tile per kernel dimension; bigger blocks run as several tiles. The forward keeps its
+# query tile resident while streaming keys, so it affords a taller one (for 16-bit inputs).
+MAX_TILE = 64
+MAX_TILE_Q_FWD = 128
+NUM_STAGES = 2
+
+
+def attention_fwd(
+    q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
+    causal=False, window=None, scale, block_q, block_kv, interpret=False,
+):
+    """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+
+    A query at global position i sees the key at j when causal allows (i >= j), the segment ids
+    match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
+    Rows that see no key give out 0 and lse -inf. `interpret=True` runs the kernel on any backend.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    dtype = jnp.result_type(q, k, v)
+    q_cap = MAX_TILE_Q_FWD if jnp.dtype(dtype).itemsize <= 2 else MAX_TILE
+    q_tiling = _Tiling.make(T, block_q, q_cap)
+    kv_tiling = _Tiling.make(S, block_kv, MAX_TILE)
+    head_dim = _padded_head_dim(H)
+    q_p = q_tiling.pad(_pad_head(q.astype(dtype), head_dim))
+    k_p = kv_tiling.pad(_pad_head(k.astype(dtype), head_dim))
+    v_p = kv_tiling.pad(_pad_head(v.astype(dtype), head_dim))
+    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    operands, out_type = _typed_alike((q_p, k_p, v_p, q_ids, kv_ids, _offsets(q_offset, kv_offset)))
+    call = _fwd_call(
+        B=B, N=N, K=K, head_dim=head_dim, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal,
+        window=window, scale=scale, segments=q_ids is not None, precision=_precision(dtype),
+        out_type=out_type, interpret=interpret,
+    )
+    out, lse = call(*operands)
+    return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
+
+
+def attention_bwd(
+    q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv, interpret=False,
+):
+    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
+
+    `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
+    `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None (then
+    `out` may be None when `delta` is given).
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    dtype = jnp.result_type(q, k, v)
+    if delta is None:
+        delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    head_dim = _padded_head_dim(H)
+    q, k, v = (_pad_head(x.astype(dtype), head_dim) for x in (q, k, v))
+    d_out = _pad_head(d_out.astype(dtype), head_dim)
+    lse, delta = lse.astype(jnp.float32), delta.astype(jnp.float32)
+
+    q_tiling, kv_tiling = _Tiling.make(T, block_q, MAX_TILE), _Tiling.make(S, block_kv, MAX_TILE)
+    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    q, d_out, lse, delta = q_tiling.pad(q), q_tiling.pad(d_out), q_tiling.pad(lse, axis=2), q_tiling.pad(delta, axis=2)
+    k, v = kv_tiling.pad(k), kv_tiling.pad(v)
+    operands, out_type = _typed_alike((q, k, v, d_out, lse, delta, q_ids, kv_ids, _offsets(q_offset, kv_offset)))
+    common = dict(
+        B=B, N=N, K=K, head_dim=head_dim, causal=causal, window=window, scale=scale,
+        segments=q_ids is not None, precision=_precision(dtype), out_type=out_type,
+        interpret=interpret,
+    )
+    # dq: one program per query tile, streaming keys; dk, dv: one program per key tile,
+    # streaming the queries of every head in its group.
+    dq = _dq_call(q_tiling=q_tiling, kv_tiling=kv_tiling, **common)(*operands)
+    dk, dv = _dkv_call(q_tiling=q_tiling, kv_tiling=kv_tiling, **common)(*operands)
+    dq = q_tiling.unpad(dq, axis=1)[..., :H]
+    return dq, kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :H]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """How one sequence axis of `length` rows reaches a kernel.
+
+    Each caller block of `block` rows becomes `padded` rows (the block itself, or rounded up to a
+    multiple of MIN_TILE when its largest power-of-two divisor is smaller), cut into tiles of
+    `tile` rows. Padding rows sit at the end of each block, so the real rows of a tile are a
+    prefix of it and positions stay monotonic across tiles. Padding is under MIN_TILE <= tile
+    rows, so every tile holds at least one real row.
+    """
+
+    length: int
+    block: int
+    padded: int
+    tile: int
+
+    @classmethod
+    def make(cls, length, block, cap):
+        padded = block if block & -block >= MIN_TILE else -(-block // MIN_TILE) * MIN_TILE
+        return cls(length, block, padded, min(cap, padded & -padded))
+
+    @property
+    def is_padded(self):
+        return self.padded != self.block
+
+    @property
+    def padded_length(self):
+        return self.length // self.block * self.padded
+
+    @property
+    def num_tiles(self):
+        return self.padded_length // self.tile
+
+    def pad(self, x, axis=1, mode="constant"):
+        if not self.is_padded:
+            return x
+        shape = x.shape
+        x = x.reshape(*shape[:axis], self.length // self.block, self.block, *shape[axis + 1 :])
+        widths = [(0, 0)] * x.ndim
+        widths[axis + 1] = (0, self.padded - self.block)
+        x = jnp.pad(x, widths, mode=mode)
+        return x.reshape(*shape[:axis], self.padded_length, *shape[axis + 1 :])
+
+    def unpad(self, x, axis):
+        if not self.is_padded:
+            return x
+        shape = x.shape
+        x = x.reshape(*shape[:axis], self.length // self.block, self.padded, *shape[axis + 1 :])
+        x = lax.slice_in_dim(x, 0, self.block, axis=axis + 1)
+        return x.reshape(*shape[:axis], self.length, *shape[axis + 1 :])
+
+    # In-kernel helpers: `i` is a traced tile index, positions are local (add the offset).
+
+    def rows(self, i):
+        """(local position of tile i's first row, number of real rows, [tile] bool or None)."""
+        if not self.is_padded:
+            return i * self.tile, self.tile, None
+        within = lax.rem(i * self.tile, self.padded)
+        first = lax.div(i * self.tile, self.padded) * self.block + within
+        real = within + jnp.arange(self.tile, dtype=jnp.int32) < self.block
+        return first, jnp.minimum(self.tile, self.block - within), real
+
+    def _padded_index(self, x):
+        if not self.is_padded:
+            return x
+        return lax.div(x, self.block) * self.padded + lax.rem(x, self.block)
+
+    def first_tile(self, start):
+        """The first tile holding a real row at local position >= `start` (num_tiles if none)."""
+        start = jnp.clip(start, 0, self.length)
+        return lax.div(self._padded_index(start), self.tile)
+
+    def end_tile(self, stop):
+        """One past the last tile holding a real row at local position < `stop`."""
+        stop = jnp.clip(stop, 0, self.length)
+        if not self.is_padded:
+            return lax.div(stop + (self.tile - 1), self.tile)
+        last = self._padded_index(jnp.maximum(stop, 1) - 1)
+        return jnp.where(stop > 0, lax.div(last, self.tile) + 1, 0)
+
+
+def _padded_head_dim(H):
+    return max(MIN_TILE, 1 << (H - 1).bit_length())
+
+
+def _pad_head(x, head_dim):
+    if x.shape[-1] == head_dim:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
+
+
+def _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling):
+    if q_segment_ids is None:
+        return None, None
+    # Edge padding keeps each tile's id range, which the segment skip compares.
+    return (
+        q_tiling.pad(q_segment_ids.astype(jnp.int32), mode="edge"),
+        kv_tiling.pad(kv_segment_ids.astype(jnp.int32), mode="edge"),
+    )
+
+
+def _offsets(q_offset, kv_offset):
+    return jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
+
+
+def _typed_alike(operands):
+    """Operands made varying over every shard_map axis any of them varies over (the interpreter
+    needs them alike), and the manual axis type the kernels' outputs then have."""
+    arrays = [x for x in operands if x is not None]
+    operands = tuple(None if x is None else match_vma(x, *arrays) for x in operands)
+    return operands, jax.typeof(operands[0]).manual_axis_type
+
+
+def _precision(dtype):
+    # float32 inputs keep float32 products (Triton's default would round them to TF32).
+    return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
+
+
+def _num_warps(head_dim):
+    return 4 if head_dim <= 64 else 8
+
+
+def _fwd_call(
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+):
+    tq, G = q_tiling.tile, N // K
+    S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
+    kernel = functools.partial(
+        _fwd_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal, window=window,
+        scale=scale, precision=precision,
+    )
+    in_specs = [
+        pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, tq), lambda i, b, n: (b, i)) if segments else None,
+        pl.BlockSpec((None, S_p), lambda i, b, n: (b, 0)) if segments else None,
+        pl.BlockSpec((2,), lambda i, b, n: (0,)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, None, tq), lambda i, b, n: (b, n, i)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
+        jax.ShapeDtypeStruct((B, N, T_p), jnp.float32, manual_axis_type=out_type),
+    ]
+    return pl.pallas_call(
+        kernel,
+        grid=(q_tiling.num_tiles, B, N),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        interpret=interpret,
+        name="ring_attn_fwd",
+    )
+
+
+def _dq_call(
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+):
+    tq, G = q_tiling.tile, N // K
+    S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
+    kernel = functools.partial(
+        _dq_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal, window=window,
+        scale=scale, precision=precision,
+    )
+    q_tile = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0))
+    kv_all = pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0))
+    row_tile = pl.BlockSpec((None, None, tq), lambda i, b, n: (b, n, i))
+    in_specs = [
+        q_tile, kv_all, kv_all, q_tile, row_tile, row_tile,
+        pl.BlockSpec((None, tq), lambda i, b, n: (b, i)) if segments else None,
+        pl.BlockSpec((None, S_p), lambda i, b, n: (b, 0)) if segments else None,
+        pl.BlockSpec((2,), lambda i, b, n: (0,)),
+    ]
+    return pl.pallas_call(
+        kernel,
+        grid=(q_tiling.num_tiles, B, N),
+        in_specs=in_specs,
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        interpret=interpret,
+        name="ring_attn_bwd_dq",
+    )
+
+
+def _dkv_call(
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+):
+    tk, G = kv_tiling.tile, N // K
+    S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
+    kernel = functools.partial(
+        _dkv_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, groups=G, causal=causal, window=window,
+        scale=scale, precision=precision,
+    )
+    # The whole query sequence of the G query heads that read key/value head `h`.
+    q_group = pl.BlockSpec((None, T_p, G, head_dim), lambda j, b, h: (b, 0, h, 0))
+    kv_tile = pl.BlockSpec((None, tk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    row_group = pl.BlockSpec((None, G, T_p), lambda j, b, h: (b, h, 0))
+    in_specs = [
+        q_group, kv_tile, kv_tile, q_group, row_group, row_group,
+        pl.BlockSpec((None, T_p), lambda j, b, h: (b, 0)) if segments else None,
+        pl.BlockSpec((None, tk), lambda j, b, h: (b, j)) if segments else None,
+        pl.BlockSpec((2,), lambda j, b, h: (0,)),
+    ]
+    grad_shape = jax.ShapeDtypeStruct((B, S_p, K, head_dim), jnp.float32, manual_axis_type=out_type)
+    return pl.pallas_call(
+        kernel,
+        grid=(kv_tiling.num_tiles, B, K),
+        in_specs=in_specs,
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[grad_shape, grad_shape],
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        interpret=interpret,
+        name="ring_attn_bwd_dkv",
+    )
+
+
+def _dot(a, b, *, contract, precision):
+    """a @ b contracting a's axis contract[0] with b's axis contract[1], float32 result."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _kv_range(q_first, q_last, kv_offset, kv_tiling, *, causal, window):
+    """[lo, hi) key tiles that some query at global positions q_first..q_last may see."""
+    lo, hi = 0, kv_tiling.num_tiles
+    if window is not None:
+        lo = kv_tiling.first_tile(q_first - kv_offset - window + 1)
+    if causal:
+        hi = kv_tiling.end_tile(q_last - kv_offset + 1)
+    elif window is not None:
+        hi = kv_tiling.end_tile(q_last - kv_offset + window)
+    return lo, hi
+
+
+def _q_range(kv_first, kv_last, q_offset, q_tiling, *, causal, window):
+    """[lo, hi) query tiles that may see some key at global positions kv_first..kv_last."""
+    lo, hi = 0, q_tiling.num_tiles
+    if causal:
+        lo = q_tiling.first_tile(kv_first - q_offset)
+    elif window is not None:
+        lo = q_tiling.first_tile(kv_first - q_offset - window + 1)
+    if window is not None:
+        hi = q_tiling.end_tile(kv_last - q_offset + window)
+    return lo, hi
+
+
+def _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, *, causal, window):
+    """[tq, tk] bool of visible (query, key) pairs, or None when every pair is visible."""
+    masks = []
+    if causal or window is not None:
+        distance = q_pos[:, None] - kv_pos[None, :]
+    if causal:
+        masks.append(distance >= 0)
+    if window is not None:
+        masks.append(distance < window if causal else jnp.abs(distance) < window)
+    if q_ids is not None:
+        masks.append(q_ids[:, None] == kv_ids[None, :])
+    if q_real is not None:
+        masks.append(q_real[:, None])
+    if kv_real is not None:
+        masks.append(kv_real[None, :])
+    return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+def _ids_overlap(q_ids, kv_ids):
+    # Disjoint id ranges cannot match; exact for the sorted ids that packing produces.
+    return (jnp.min(q_ids) <= jnp.max(kv_ids)) & (jnp.min(kv_ids) <= jnp.max(q_ids))
+
+
+def _run_if(visible, compute, carry):
+    """compute(carry) when `visible` (None: always), else carry unchanged."""
+    if visible is None:
+        return compute(carry)
+    return lax.cond(visible, compute, lambda c: c, carry)
+
+
+def _fwd_kernel(
+    q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, offsets_ref, o_ref, lse_ref,
+    *, q_tiling, kv_tiling, causal, window, scale, precision,
+):
+    tq, tk = q_tiling.tile, kv_tiling.tile
+    q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
+    first, count, q_real = q_tiling.rows(pl.program_id(0))
+    q_first = q_offset + first
+    q_pos = q_first + jnp.arange(tq, dtype=jnp.int32)
+    q = q_ref[...]
+    q_ids = None if q_ids_ref is None else q_ids_ref[...]
+
+    def kv_step(j, carry):
+        kv_start, _, kv_real = kv_tiling.rows(j)
+        kv_ids = None if kv_ids_ref is None else kv_ids_ref[pl.ds(j * tk, tk)]
+
+        def compute(carry):
+            acc, m, l = carry
+            k = k_ref[pl.ds(j * tk, tk), :]
+            # Base-2 exponent: exp2 is what the hardware computes.
+            s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+            kv_pos = kv_offset + kv_start + jnp.arange(tk, dtype=jnp.int32)
+            mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - m_safe[:, None])
+            alpha = jnp.exp2(m - m_safe)
+            v = v_ref[pl.ds(j * tk, tk), :]
+            pv = _dot(p.astype(v.dtype), v, contract=(1, 0), precision=precision)
+            return alpha[:, None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+
+        return _run_if(None if q_ids is None else _ids_overlap(q_ids, kv_ids), compute, carry)
+
+    lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    m = jnp.full((tq,), -jnp.inf, jnp.float32)
+    l = jnp.zeros((tq,), jnp.float32)
+    acc, m, l = lax.fori_loop(lo, hi, kv_step, (acc, m, l))
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    lse_ref[...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, offsets_ref, dq_ref,
+    *, q_tiling, kv_tiling, causal, window, scale, precision,
+):
+    tq, tk = q_tiling.tile, kv_tiling.tile
+    q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
+    first, count, q_real = q_tiling.rows(pl.program_id(0))
+    q_first = q_offset + first
+    q_pos = q_first + jnp.arange(tq, dtype=jnp.int32)
+    q, do = q_ref[...], do_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+    q_ids = None if q_ids_ref is None else q_ids_ref[...]
+
+    def kv_step(j, dq):
+        kv_start, _, kv_real = kv_tiling.rows(j)
+        kv_ids = None if kv_ids_ref is None else kv_ids_ref[pl.ds(j * tk, tk)]
+
+        def compute(dq):
+            k = k_ref[pl.ds(j * tk, tk), :]
+            v = v_ref[pl.ds(j * tk, tk), :]
+            s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+            p = jnp.exp2(s - lse2[:, None])
+            kv_pos = kv_offset + kv_start + jnp.arange(tk, dtype=jnp.int32)
+            mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
+            if mask is not None:
+                # After the exp: a row that saw nothing has lse = -inf, and inf is selected away.
+                p = jnp.where(mask, p, 0.0)
+            dp = _dot(do, v, contract=(1, 1), precision=precision)
+            ds = p * (dp - delta[:, None])
+            return dq + _dot(ds.astype(k.dtype), k, contract=(1, 0), precision=precision)
+
+        return _run_if(None if q_ids is None else _ids_overlap(q_ids, kv_ids), compute, dq)
+
+    lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+    dq = lax.fori_loop(lo, hi, kv_step, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = dq * scale
+
+
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, offsets_ref, dk_ref, dv_ref,
+    *, q_tiling, kv_tiling, groups, causal, window, scale, precision,
+):
+    tq, tk = q_tiling.tile, kv_tiling.tile
+    q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
+    first, count, kv_real = kv_tiling.rows(pl.program_id(0))
+    kv_first = kv_offset + first
+    kv_pos = kv_first + jnp.arange(tk, dtype=jnp.int32)
+    k, v = k_ref[...], v_ref[...]
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
+    lo, hi = _q_range(kv_first, kv_first + count - 1, q_offset, q_tiling, causal=causal, window=window)
+
+    def head(g, carry):
+        def q_step(i, carry):
+            q_start, _, q_real = q_tiling.rows(i)
+            q_ids = None if q_ids_ref is None else q_ids_ref[pl.ds(i * tq, tq)]
+
+            def compute(carry):
+                dk, dv = carry
+                q = q_ref[pl.ds(i * tq, tq), g, :]
+                do = do_ref[pl.ds(i * tq, tq), g, :]
+                lse2 = lse_ref[g, pl.ds(i * tq, tq)] * LOG2E
+                delta = delta_ref[g, pl.ds(i * tq, tq)]
+                s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+                p = jnp.exp2(s - lse2[:, None])
+                q_pos = q_offset + q_start + jnp.arange(tq, dtype=jnp.int32)
+                mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)
+                dv = dv + _dot(p.astype(do.dtype), do, contract=(0, 0), precision=precision)
+                dp = _dot(do, v, contract=(1, 1), precision=precision)
+                ds = p * (dp - delta[:, None])
+                dk = dk + _dot(ds.astype(q.dtype), q, contract=(0, 0), precision=precision)
+                return dk, dv
+
+            return _run_if(None if kv_ids is None else _ids_overlap(q_ids, kv_ids), compute, carry)
+
+        return lax.fori_loop(lo, hi, q_step, carry)
+
+    zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
