@@ -15,8 +15,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,6 +24,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
+from timing import matmul_ceiling, median_time  # noqa: E402
 
 
 def import_peer():
@@ -72,22 +71,6 @@ def train_step(fn):
         return jnp.sum(fn(q, k, v) * d_out)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def median_time(compiled, args, runs):
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_ceiling(runs, n=2048):
-    a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), jnp.float32) for i in range(2))
-    f = jax.jit(jnp.matmul).lower(a, b).compile()
-    return 2 * n**3 / median_time(f, (a, b), runs)
 
 
 def main():

@@ -5,6 +5,7 @@ RingAttention (Liu et al. 2023, arXiv 2310.01889) as used by the Large World Mod
 """
 
 from pallas_kernels import BlockSizes
+from ring_attn import cost
 from ring_attn.attention import ring_attention
 from ring_attn.feedforward import blockwise_feedforward
 from ring_attn.layout import unzigzag, zigzag
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSizes",
     "blockwise_feedforward",
+    "cost",
     "ring_attention",
     "ring_attention_global",
     "unzigzag",

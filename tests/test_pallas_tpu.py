@@ -16,34 +16,47 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec
 
 import reference
-from pallas_kernels import attention_tpu, attention_xla
+from pallas_kernels import attention_tpu
 
 INTERPRET = pltpu.InterpretParams()
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(*, causal, window, scale, block_q, block_kv):
-    """Jitted forward + backward; offsets and segment ids are traced arguments."""
+def kernels(*, causal, window, scale, block_q, block_kv, given_delta):
+    """Jitted forward + backward; offsets and segment ids are traced arguments. `given_delta`:
+    the backward gets `delta` and no `out`."""
     kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_kv=block_kv, interpret=INTERPRET)
 
     @jax.jit
     def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
         masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
         out, lse = attention_tpu.attention_fwd(q, k, v, **masking, **kw)
-        grads = attention_tpu.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
+        if given_delta:
+            delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out)
+            grads = attention_tpu.attention_bwd(q, k, v, None, lse, d_out, delta=delta, **masking, **kw)
+        else:
+            grads = attention_tpu.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
         return out, lse, grads
 
     return run
 
 
-def oracle(q, k, v, d_out, **masking):
+def oracle(q, k, v, d_out, q_ids=None, kv_ids=None, q_offset=0, kv_offset=0, **static):
     """float64 (out, lse) and the gradients of out for cotangent d_out."""
     with jax.enable_x64(True):
         q, k, v, d_out = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, d_out))
-        fn = functools.partial(reference.attention_with_lse, dtype=jnp.float64, **masking)
-        (out, lse), vjp = jax.vjp(fn, q, k, v)
-        grads = vjp((d_out, jnp.zeros_like(lse)))
+        out, lse, grads = _oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, **static)
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale"))
+def _oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, *, causal=False, window=None, scale):
+    fn = functools.partial(
+        reference.attention_with_lse, dtype=jnp.float64, causal=causal, window=window, scale=scale,
+        q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset,
+    )
+    (out, lse), vjp = jax.vjp(fn, q, k, v)
+    return out, lse, vjp((d_out, jnp.zeros_like(lse)))
 
 
 def check_against_oracle(out, lse, grads, expected, dtype):
@@ -66,17 +79,15 @@ CASES = [
     # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, [(q_offset, kv_offset), ...])
     # MHA on the diagonal; then shifted so that a whole tile is hidden and rows 5..11 see no key.
     (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, [(0, 0), (5, 12)]),
-    # GQA 8:2, head dim 80 (padded to 128), segments; offsets that hide whole tiles.
-    (1, 16, 32, 8, 2, 80, 16, 8, True, None, True, jnp.float32, [(20, 16), (40, 16)]),
-    # MQA 4:1, head dim 128: keys wholly in the future (nothing visible), then wholly in the past.
-    (1, 16, 32, 4, 1, 128, 8, 16, True, None, False, jnp.float32, [(0, 32), (31, 0)]),
-    # Bidirectional with segments, GQA 4:2, head dim 32, batch 2, T != S.
-    (2, 16, 24, 4, 2, 32, 8, 8, False, None, True, jnp.float32, [(0, 0)]),
-    # bfloat16 inputs, float32 accumulation.
-    (1, 32, 32, 4, 2, 64, 16, 16, True, None, False, jnp.bfloat16, [(0, 0), (16, 8)]),
-    # Sliding windows, causal and bidirectional, skip tiles on both sides.
-    (1, 32, 32, 2, 1, 64, 8, 8, True, 10, False, jnp.float32, [(0, 0), (8, 0)]),
-    (1, 32, 32, 2, 2, 64, 8, 8, False, 6, True, jnp.float32, [(3, 0)]),
+    # GQA 8:2, head dim 80 (padded to 128), segments; offsets that hide a whole tile.
+    (1, 16, 32, 8, 2, 80, 16, 16, True, None, True, jnp.float32, [(20, 24), (40, 16)]),
+    # MQA 4:1, head dim 128, bfloat16 (the backward gets delta instead of out): keys wholly in the
+    # future (nothing visible), wholly in the past, and across the diagonal.
+    (1, 16, 32, 4, 1, 128, 16, 16, True, None, False, jnp.bfloat16, [(0, 32), (31, 0), (8, 4)]),
+    # Bidirectional sliding window with segments, GQA 2:1, head dim 32, batch 2, T != S.
+    (2, 16, 24, 2, 1, 32, 8, 8, False, 6, True, jnp.float32, [(3, 0)]),
+    # Causal sliding window: tiles skipped on both sides.
+    (1, 32, 32, 2, 1, 64, 8, 8, True, 10, False, jnp.float32, [(8, 0)]),
 ]
 
 
@@ -85,56 +96,43 @@ def test_forward_and_backward_match_oracle(B, T, S, N, K, H, block_q, block_kv, 
     q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)
     q_ids = random_segments(T, B, T, 3) if segments else None
     kv_ids = random_segments(S + 1, B, S, 3) if segments else None
-    run = kernels(causal=causal, window=window, scale=0.3, block_q=block_q, block_kv=block_kv)
+    static = dict(causal=causal, window=window, scale=0.3)
+    run = kernels(**static, block_q=block_q, block_kv=block_kv, given_delta=dtype == jnp.bfloat16)
     for q_offset, kv_offset in offsets:  # one compiled kernel for every offset
         out, lse, grads = run(q, k, v, d_out, q_ids, kv_ids, jnp.int32(q_offset), jnp.int32(kv_offset))
-        expected = oracle(
-            q, k, v, d_out, causal=causal, window=window, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
-            scale=0.3, q_offset=q_offset, kv_offset=kv_offset,
-        )
+        expected = oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, **static)
         check_against_oracle(out, lse, grads, expected, dtype)
-
-
-def test_given_delta_replaces_out():
-    q, k, v, d_out = random_qkv(7, 1, 16, 2, 1, 64)
-    kw = dict(causal=True, scale=0.3, block_q=8, block_kv=8, interpret=INTERPRET)
-    out, lse = attention_tpu.attention_fwd(q, k, v, **kw)
-    delta = jnp.einsum("BTNH,BTNH->BNT", d_out, out)
-    with_out = attention_tpu.attention_bwd(q, k, v, out, lse, d_out, **kw)
-    with_delta = attention_tpu.attention_bwd(q, k, v, None, lse, d_out, delta=delta, **kw)
-    for a, b in zip(with_out, with_delta):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
     # NaN in every key/value tile that causality hides from all queries: a computed-then-masked
     # tile would spread it (0 * NaN), a skipped one cannot. Offsets are traced, as in a ring.
-    T, S = 16, 32
-    q, k, v, d_out = random_qkv(5, 1, T, 4, 2, 32, S=S)
-    run = kernels(causal=True, window=None, scale=0.2, block_q=8, block_kv=8)
-    for q_offset, kv_offset, first_hidden in ((0, 0, 16), (8, 16, 8)):  # q positions end at 15 / 23
-        hidden = (np.arange(S) >= first_hidden)[None, :, None, None]
-        k_nan, v_nan = jnp.where(hidden, jnp.nan, k), jnp.where(hidden, jnp.nan, v)
-        out, lse, (dq, dk, dv) = run(q, k_nan, v_nan, d_out, None, None, jnp.int32(q_offset), jnp.int32(kv_offset))
-        assert np.all(np.isfinite(np.asarray(out))), "a tile wholly above the diagonal was computed"
-        assert np.all(np.isfinite(np.asarray(dq))), "the dq kernel computed a tile wholly above the diagonal"
-        np.testing.assert_array_equal(np.asarray(dk)[:, first_hidden:], 0.0, err_msg="the dk/dv kernel computed it")
-        np.testing.assert_array_equal(np.asarray(dv)[:, first_hidden:], 0.0)
-        expected = oracle(q, k, v, d_out, causal=True, scale=0.2, q_offset=q_offset, kv_offset=kv_offset)
-        check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+    q, k, v, d_out = random_qkv(5, 1, 32, 4, 4, 64)
+    run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16, given_delta=False)  # as CASES[0]
+    # Queries at 0..31, keys at 16..47: the second key tile (32..47) is above the diagonal.
+    k_nan, v_nan = k.at[:, 16:].set(jnp.nan), v.at[:, 16:].set(jnp.nan)
+    out, lse, (dq, dk, dv) = run(q, k_nan, v_nan, d_out, None, None, jnp.int32(0), jnp.int32(16))
+    assert np.all(np.isfinite(np.asarray(out))), "a tile wholly above the diagonal was computed"
+    assert np.all(np.isfinite(np.asarray(dq))), "the dq kernel computed a tile wholly above the diagonal"
+    np.testing.assert_array_equal(np.asarray(dk)[:, 16:], 0.0, err_msg="the dk/dv kernel computed it")
+    np.testing.assert_array_equal(np.asarray(dv)[:, 16:], 0.0)
+    expected = oracle(q, k, v, d_out, q_offset=0, kv_offset=16, causal=True, scale=0.3)
+    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 def test_tiles_with_no_common_segment_are_skipped():
-    T = S = 32
-    q, k, v, _ = random_qkv(6, 1, T, 2, 1, 32)
-    ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)  # one document per tile of 8
-    v_nan = v.at[:, 8:16].set(jnp.nan)  # document 1's values; only document 1's queries may read them
-    out, _ = attention_tpu.attention_fwd(
-        q, k, v_nan, q_segment_ids=ids, kv_segment_ids=ids, scale=0.2, block_q=8, block_kv=8, interpret=INTERPRET
-    )
-    out = np.asarray(out)
-    assert np.all(np.isfinite(out[:, :8])) and np.all(np.isfinite(out[:, 16:])), "a tile with no common segment was computed"
-    assert np.all(np.isnan(out[:, 8:16])), "document 1 must read its own values"
+    # Shapes and statics of CASES[3] (compiled once); one document per tile, so disjoint ranges.
+    q, k, v, d_out = random_qkv(6, 2, 16, 2, 1, 32, S=24)
+    q_ids = jnp.asarray(np.repeat([[0, 1], [1, 2]], 8, axis=1), jnp.int32)
+    kv_ids = jnp.asarray(np.repeat([[0, 1, 2], [0, 1, 2]], 8, axis=1), jnp.int32)
+    v_nan = v.at[0, 16:].set(jnp.nan)  # document 2 of batch row 0: no query of that row reads it
+    run = kernels(causal=False, window=6, scale=0.3, block_q=8, block_kv=8, given_delta=False)
+    out, lse, (dq, dk, dv) = run(q, k, v_nan, d_out, q_ids, kv_ids, jnp.int32(3), jnp.int32(0))
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert np.all(np.isfinite(np.asarray(x))), f"{name}: a tile with no common segment was computed"
+    np.testing.assert_array_equal(np.asarray(dv)[0, 16:], 0.0)
+    expected = oracle(q, k, v, d_out, q_ids, kv_ids, 3, 0, causal=False, window=6, scale=0.3)
+    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 11), (False, 11)])
@@ -167,27 +165,26 @@ def check_clamped(blocks, visible):
         assert len(set(blocks)) == 1, blocks
 
 
-@pytest.mark.parametrize("check_vma", [True, False])
-def test_inside_shard_map(check_vma):
-    # The ring calls the kernels per device with offsets derived from the device's position.
+def test_inside_shard_map_with_vma_checks():
+    # The ring calls the kernels per device, offsets derived from the device's position; under
+    # check_vma=True pallas_call needs its outputs' manual axis types.
     mesh = Mesh(np.array(jax.devices()[:2]), ("sp",))
     q, k, v, d_out = random_qkv(8, 1, 16, 2, 1, 32)
+    kw = dict(causal=True, scale=0.3, block_q=8, block_kv=8)
 
-    def local(impl, q, k, v, d_out):
-        extra = dict(interpret=INTERPRET) if impl is attention_tpu else {}
-        kw = dict(causal=True, scale=0.3, block_q=8, block_kv=8, q_offset=8 * jax.lax.axis_index("sp"), **extra)
-        out, lse = impl.attention_fwd(q, k, v, **kw)
-        return out, lse, *impl.attention_bwd(q, k, v, out, lse, d_out, **kw)
+    def local(q, k, v, d_out):
+        offsets = dict(q_offset=8 * jax.lax.axis_index("sp"), kv_offset=0)
+        out, lse = attention_tpu.attention_fwd(q, k, v, **offsets, **kw, interpret=INTERPRET)
+        return out, lse, *attention_tpu.attention_bwd(q, k, v, out, lse, d_out, **offsets, **kw, interpret=INTERPRET)
 
     spec = PartitionSpec(None, "sp")
-    out_specs = (spec, PartitionSpec(None, None, "sp"), spec, spec, spec)
-    results = [
-        jax.jit(jax.shard_map(functools.partial(local, impl), mesh=mesh, in_specs=spec, out_specs=out_specs,
-                              check_vma=check_vma))(q, k, v, d_out)
-        for impl in (attention_tpu, attention_xla)
-    ]
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=name)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, None, None, spec),
+                            out_specs=(spec, PartitionSpec(None, None, "sp"), spec, spec, spec), check_vma=True)
+    out, lse, dq, dk, dv = jax.jit(sharded)(q, k[:, :8], v[:, :8], d_out)
+    # dk/dv come back per device, concatenated along the sequence: sum the two devices' parts.
+    dk, dv = (x[:, :8] + x[:, 8:] for x in (dk, dv))
+    expected = oracle(q, k[:, :8], v[:, :8], d_out, causal=True, scale=0.3)
+    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,36 @@
+"""Shared benchmark helpers: median timing after a warm-up, measured ceilings, compiled memory."""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_time(compiled, args, runs):
+    """Median wall time of `compiled(*args)` over `runs` calls, after one warm-up call."""
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(runs, n=2048, dtype=jnp.float32):
+    """FLOP/s of one n^3 matmul on one device."""
+    a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), dtype) for i in range(2))
+    return 2 * n**3 / median_time(jax.jit(jnp.matmul).lower(a, b).compile(), (a, b), runs)
+
+
+def copy_ceiling(runs, n_bytes=256 * 2**20):
+    """Bytes/s read plus written by an elementwise pass over `n_bytes` of float32."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(n_bytes // 4), jnp.float32)
+    return 2 * n_bytes / median_time(jax.jit(lambda x: x * 1.5).lower(x).compile(), (x,), runs)
+
+
+def temp_bytes(fn, *args):
+    """Compiled temporary bytes per device of `jax.jit(fn)(*args)`, without running it."""
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
