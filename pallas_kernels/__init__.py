@@ -2,10 +2,10 @@
 feedforward, with one contract for every implementation (see `backend`)."""
 
 from pallas_kernels.attention_xla import match_vma
-from pallas_kernels.backend import IMPLS, Impl, attention_bwd, attention_fwd, feedforward, resolve_impl
+from pallas_kernels.backend import IMPLS, INTERPRETED, Impl, attention_bwd, attention_fwd, feedforward, resolve_impl
 from pallas_kernels.block_sizes import DEFAULT_BLOCK, BlockSizes, fit_block_sizes
 
 __all__ = [
-    "BlockSizes", "DEFAULT_BLOCK", "IMPLS", "Impl", "attention_bwd", "attention_fwd",
+    "BlockSizes", "DEFAULT_BLOCK", "IMPLS", "INTERPRETED", "Impl", "attention_bwd", "attention_fwd",
     "feedforward", "fit_block_sizes", "match_vma", "resolve_impl",
 ]

@@ -95,6 +95,96 @@ def attention_bwd(
     return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
 
 
+def _segment_specs(mask, q_ids_index, kv_ids_index):
+    if not mask.segments:
+        return [None, None]
+    return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
+
+
+def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    T = mask.num_q_blocks * bq
+    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
+    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
+    in_specs = [q_spec, kv_spec, kv_spec,
+                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
+    out_specs = [q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
+        # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
+        jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32, manual_axis_type=vma),
+    ]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, mask=mask, scale=scale),
+        out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=[
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((bq, Hp), jnp.float32),
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_fwd",
+    )
+
+
+def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    T = mask.num_q_blocks * bq
+    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
+    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
+    stat_spec = pl.BlockSpec((None, None, 1, bq), _q_stat_index)
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
+    return pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, mask=mask, scale=scale),
+        out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, Hp), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_bwd_dq",
+    )
+
+
+def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, vma, interpret):
+    bq, bk, G = mask.block_q, mask.block_kv, N // K
+    S = mask.num_kv_blocks * bk
+    q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
+    kv_spec = pl.BlockSpec((None, bk, Hp), _dkv_kv_rows_index)
+    stat_spec = pl.BlockSpec((None, None, 1, bq), functools.partial(_dkv_q_stat_index, mask=mask, group=G))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+                *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
+    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma)
+    return pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale),
+        out_shape=[dkv_shape, dkv_shape],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, K, mask.num_kv_blocks, G, mask.num_q_blocks),
+            in_specs=in_specs,
+            out_specs=[kv_spec, kv_spec],
+            scratch_shapes=[pltpu.VMEM((bk, Hp), jnp.float32), pltpu.VMEM((bk, Hp), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
+        interpret=False if interpret is None else interpret,
+        name="ring_attn_tpu_bwd_dkv",
+    )
+
+
 def _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret):
     """The static masking rules, after validating shapes and block sizes."""
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
@@ -117,9 +207,13 @@ def _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_
         # Per-row statistics and segment ids are lane-major [1, block] tiles on TPU.
         for name, block, length in (("block_q", block_q, T), ("block_kv", block_kv, S)):
             if block % NUM_LANES and block != length:
-                raise ValueError(f"on TPU {name}={block} must be a multiple of {NUM_LANES} or the whole length {length}")
-    return _Mask(causal=bool(causal), window=None if window is None else int(window), segments=q_segment_ids is not None, block_q=block_q,
-                 block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv)
+                raise ValueError(
+                    f"on TPU {name}={block} must be a multiple of {NUM_LANES} or the whole length {length}"
+                )
+    return _Mask(
+        causal=bool(causal), window=None if window is None else int(window), segments=q_segment_ids is not None,
+        block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv,
+    )
 
 
 def _padded_head_dim(H):
@@ -196,7 +290,7 @@ class _Mask:
             if not self.causal:
                 conditions.append(kv_first - q_last < self.window)
         if self.segments:
-            # Disjoint id ranges cannot share an id (exact for the sorted ids packing produces).
+            # Disjoint id ranges share no id; with sorted ids (packing) every such tile is caught.
             qi, kj = 2 * (b * self.num_q_blocks + i), 2 * (b * self.num_kv_blocks + j)
             conditions.append(
                 jnp.logical_and(q_range_ref[qi] <= kv_range_ref[kj + 1], kv_range_ref[kj] <= q_range_ref[qi + 1])
@@ -298,7 +392,7 @@ def _q_ids_index(b, n, i, j, offsets_ref, *_):
 
 
 def _kv_rows_index(b, n, i, j, offsets_ref, *_, mask, group):
-    return b, mask.clamp_kv_block(i, j, offsets_ref), n // group
+    return b, mask.clamp_kv_block(i, j, offsets_ref), lax.div(n, group)  # n >= 0: floor division
 
 
 def _kv_ids_index(b, n, i, j, offsets_ref, *_, mask):
@@ -327,96 +421,6 @@ def _dkv_kv_rows_index(b, h, j, g, i, offsets_ref, *_):
 
 def _dkv_kv_ids_index(b, h, j, g, i, offsets_ref, *_):
     return b, 0, j
-
-
-def _segment_specs(mask, q_ids_index, kv_ids_index):
-    if not mask.segments:
-        return [None, None]
-    return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
-
-
-def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret):
-    bq, bk, G = mask.block_q, mask.block_kv, N // K
-    T = mask.num_q_blocks * bq
-    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
-    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
-    in_specs = [q_spec, kv_spec, kv_spec,
-                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
-    out_specs = [q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
-    out_shape = [
-        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
-        # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
-        jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32, manual_axis_type=vma),
-    ]
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, mask=mask, scale=scale),
-        out_shape=out_shape,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            scratch_shapes=[
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, Hp), jnp.float32),
-            ],
-        ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=False if interpret is None else interpret,
-        name="ring_attn_tpu_fwd",
-    )
-
-
-def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
-    bq, bk, G = mask.block_q, mask.block_kv, N // K
-    T = mask.num_q_blocks * bq
-    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
-    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
-    stat_spec = pl.BlockSpec((None, None, 1, bq), _q_stat_index)
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
-                *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
-    return pl.pallas_call(
-        functools.partial(_bwd_dq_kernel, mask=mask, scale=scale),
-        out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
-            in_specs=in_specs,
-            out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((bq, Hp), jnp.float32)],
-        ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=False if interpret is None else interpret,
-        name="ring_attn_tpu_bwd_dq",
-    )
-
-
-def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, vma, interpret):
-    bq, bk, G = mask.block_q, mask.block_kv, N // K
-    S = mask.num_kv_blocks * bk
-    q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
-    kv_spec = pl.BlockSpec((None, bk, Hp), _dkv_kv_rows_index)
-    stat_spec = pl.BlockSpec((None, None, 1, bq), functools.partial(_dkv_q_stat_index, mask=mask, group=G))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
-                *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
-    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma)
-    return pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale),
-        out_shape=[dkv_shape, dkv_shape],
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(B, K, mask.num_kv_blocks, G, mask.num_q_blocks),
-            in_specs=in_specs,
-            out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((bk, Hp), jnp.float32), pltpu.VMEM((bk, Hp), jnp.float32)],
-        ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
-        ),
-        interpret=False if interpret is None else interpret,
-        name="ring_attn_tpu_bwd_dkv",
-    )
 
 
 def _fwd_kernel(
@@ -467,7 +471,6 @@ def _fwd_kernel(
         inv_l = jnp.where(seen, 1.0 / l_safe, 0.0)
         o_ref[...] = acc_scratch_ref[...] * _lanes(inv_l, Hp)
         lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
-
 
 
 def _bwd_dq_kernel(

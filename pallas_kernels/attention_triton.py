@@ -217,8 +217,9 @@ def _offsets(q_offset, kv_offset):
 
 
 def _typed_alike(operands):
-    """Operands made varying over every shard_map axis any of them varies over (the interpreter
-    needs them alike), and the manual axis type the kernels' outputs then have."""
+    """Operands made varying over every shard_map axis any of them varies over, as for an
+    elementwise op, and that manual axis type, which the kernels' outputs have (pallas_call
+    needs it spelled out under shard_map's vma check)."""
     arrays = [x for x in operands if x is not None]
     operands = tuple(None if x is None else match_vma(x, *arrays) for x in operands)
     return operands, jax.typeof(operands[0]).manual_axis_type

@@ -44,8 +44,10 @@ def ring_attention(
       layout: how the global sequence lies on the ring, "contiguous" or "zigzag"
         (see `ring_attn.zigzag`); zigzag balances causal work across devices.
       block_sizes: kernel tiles; None picks divisors of the local lengths.
-      impl: "auto" chooses at call time: the portable jnp path ("xla") on every backend in this
-        version. "pallas" raises NotImplementedError until the Pallas kernels ship.
+      impl: "auto" chooses at call time from the default backend: the Pallas kernels on GPU
+        (Triton lowering) and TPU (Mosaic), the portable jnp path ("xla") on CPU. "pallas": this
+        backend's Pallas kernels (on CPU, the GPU kernels in interpret mode). "pallas_triton" /
+        "pallas_tpu": that kernel family, interpreted off its own backend. "xla": jnp everywhere.
 
     Returns:
       [B, T, N, H] in q's dtype; accumulation is float32 whatever the input dtype.
@@ -58,6 +60,12 @@ def ring_attention(
         raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
     impl = pallas_kernels.resolve_impl(impl)
     ring_size = _ring_size(axis_name)
+    if impl == "triton_interpret" and axis_name is not None and jax.typeof(q).manual_axis_type.varying:
+        raise NotImplementedError(
+            "the Pallas GPU kernels run in interpret mode on this backend, which JAX cannot run inside "
+            "jax.shard_map with check_vma=True: pass check_vma=False to jax.shard_map (or to "
+            "ring_attn.ring_attention_global), or use impl='xla' or impl='pallas_tpu'"
+        )
     if causal and T != S and (ring_size > 1 or layout == "zigzag"):
         raise ValueError(
             f"causal ring attention needs equal local query and key lengths, got {T=} and {S=} "

@@ -14,7 +14,8 @@ def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = N
     Args:
       x: [B, L, D]; w_gate, w_up: [D, F]; w_down: [F, D].
       chunk_size: tokens per chunk, dividing L; None: the largest divisor of L up to 512.
-      impl: "auto" (the jnp path in this version), "xla" or "pallas" (not yet shipped).
+      impl: "auto" or "xla": the jnp chunks (every backend in this version); a Pallas impl raises
+        NotImplementedError until the fused feedforward kernel ships.
     Returns:
       [B, L, D] in x's dtype.
     """
@@ -32,5 +33,4 @@ def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = N
         chunk_size = max(c for c in range(1, min(L, DEFAULT_CHUNK) + 1) if L % c == 0)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or L % chunk_size:
         raise ValueError(f"chunk_size must be a positive int dividing the token count {L=}, got {chunk_size!r}")
-    impl = pallas_kernels.resolve_impl(impl)
     return pallas_kernels.feedforward(x, w_gate, w_up, w_down, impl=impl, chunk_size=chunk_size)

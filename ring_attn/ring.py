@@ -134,6 +134,13 @@ class _Plan:
         self.T, self.S = T, S
         self.num_steps = steps_needed(self.ring_size, T, causal=spec.causal, window=spec.window)
 
+    def branch(self, pred, true_fn, false_fn):
+        """`lax.cond` on a per-device predicate. Interpreted TPU kernels synchronise all devices
+        inside every kernel call, so there each device runs both branches and selects."""
+        if self.spec.impl not in pallas_kernels.INTERPRETED:
+            return lax.cond(pred, true_fn, false_fn)
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn())
+
     def first_step(self, call):
         spec = self.spec
         if not spec.zigzag_causal:
@@ -154,12 +161,12 @@ class _Plan:
             # Global offsets (traced): the kernel skips tiles beyond the window.
             offsets = dict(q_offset=self.rank * self.T, kv_offset=src * self.S)
             attend = lambda: call("all", "all", causal=spec.causal, window=spec.window, **offsets)  # noqa: E731
-            return attend() if not spec.causal else lax.cond(src < self.rank, attend, skip)
+            return attend() if not spec.causal else self.branch(src < self.rank, attend, skip)
         if spec.layout == "contiguous":
-            return lax.cond(src < self.rank, lambda: call("all", "all", causal=False), skip)
+            return self.branch(src < self.rank, lambda: call("all", "all", causal=False), skip)
         # zigzag: a lower rank's shard is seen by all queries through its first half; a higher
         # rank's shard is seen whole by the second query half.
-        return lax.cond(
+        return self.branch(
             src < self.rank,
             lambda: call("all", "first", causal=False),
             lambda: call("second", "all", causal=False),

@@ -19,6 +19,8 @@ import reference
 from pallas_kernels import attention_tpu
 
 INTERPRET = pltpu.InterpretParams()
+# Interpret mode compiles large CPU programs; XLA's backend optimisations only cost time here.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +29,7 @@ def kernels(*, causal, window, scale, block_q, block_kv, given_delta):
     the backward gets `delta` and no `out`."""
     kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_kv=block_kv, interpret=INTERPRET)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
         masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
         out, lse = attention_tpu.attention_fwd(q, k, v, **masking, **kw)
@@ -49,7 +51,7 @@ def oracle(q, k, v, d_out, q_ids=None, kv_ids=None, q_offset=0, kv_offset=0, **s
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "scale"))
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale"), compiler_options=FAST_COMPILE)
 def _oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, *, causal=False, window=None, scale):
     fn = functools.partial(
         reference.attention_with_lse, dtype=jnp.float64, causal=causal, window=window, scale=scale,
@@ -77,22 +79,24 @@ def check_against_oracle(out, lse, grads, expected, dtype):
 
 CASES = [
     # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, [(q_offset, kv_offset), ...])
-    # MHA on the diagonal; then shifted so that a whole tile is hidden and rows 5..11 see no key.
-    (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, [(0, 0), (5, 12)]),
-    # GQA 8:2, head dim 80 (padded to 128), segments; offsets that hide a whole tile.
-    (1, 16, 32, 8, 2, 80, 16, 16, True, None, True, jnp.float32, [(20, 24), (40, 16)]),
+    # MHA, shifted so that a whole tile is hidden, rows 5..11 see no key, and diagonal tiles mask.
+    (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, [(5, 12)]),
+    # GQA 8:2, head dim 80 (padded to 128), segments; the second key tile is hidden.
+    (1, 16, 32, 8, 2, 80, 16, 16, True, None, True, jnp.float32, [(20, 24)]),
     # MQA 4:1, head dim 128, bfloat16 (the backward gets delta instead of out): keys wholly in the
-    # future (nothing visible), wholly in the past, and across the diagonal.
-    (1, 16, 32, 4, 1, 128, 16, 16, True, None, False, jnp.bfloat16, [(0, 32), (31, 0), (8, 4)]),
+    # future (nothing visible), then across the diagonal.
+    (1, 16, 32, 4, 1, 128, 16, 16, True, None, False, jnp.bfloat16, [(0, 32), (8, 4)]),
     # Bidirectional sliding window with segments, GQA 2:1, head dim 32, batch 2, T != S.
     (2, 16, 24, 2, 1, 32, 8, 8, False, 6, True, jnp.float32, [(3, 0)]),
     # Causal sliding window: tiles skipped on both sides.
-    (1, 32, 32, 2, 1, 64, 8, 8, True, 10, False, jnp.float32, [(8, 0)]),
+    (1, 24, 24, 2, 1, 64, 8, 8, True, 10, False, jnp.float32, [(8, 0)]),
 ]
 
 
 @pytest.mark.parametrize("B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,offsets", CASES)
-def test_forward_and_backward_match_oracle(B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets):
+def test_forward_and_backward_match_oracle(
+    B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets
+):
     q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)
     q_ids = random_segments(T, B, T, 3) if segments else None
     kv_ids = random_segments(S + 1, B, S, 3) if segments else None
@@ -107,6 +111,7 @@ def test_forward_and_backward_match_oracle(B, T, S, N, K, H, block_q, block_kv, 
 def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
     # NaN in every key/value tile that causality hides from all queries: a computed-then-masked
     # tile would spread it (0 * NaN), a skipped one cannot. Offsets are traced, as in a ring.
+    # (In the forward and dq kernels the clamped index maps never even fetch the NaN tile.)
     q, k, v, d_out = random_qkv(5, 1, 32, 4, 4, 64)
     run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16, given_delta=False)  # as CASES[0]
     # Queries at 0..31, keys at 16..47: the second key tile (32..47) is above the diagonal.
@@ -136,31 +141,42 @@ def test_tiles_with_no_common_segment_are_skipped():
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 11), (False, 11)])
-def test_index_maps_clamp_skipped_tiles_onto_a_fetched_block(causal, window):
-    # A skipped step must reuse the block index of a neighbouring step (no new DMA), and a
-    # visible tile must get its own block.
+def test_tile_skipping_and_index_clamping(causal, window):
+    # A tile is skipped exactly when no query of it sees a key of the other; a skipped step
+    # reuses the block index of a neighbouring step (no new DMA), a visible tile gets its own
+    # block. The predicate and index maps are elementwise: evaluate them on whole grids,
+    # [offset pairs, q block, kv block].
     bq, bk, nq, nk = 8, 4, 3, 6
     mask = attention_tpu._Mask(causal=causal, window=window, segments=False, block_q=bq, block_kv=bk,
                                num_q_blocks=nq, num_kv_blocks=nk)
     rng = np.random.default_rng(0)
-    for q_offset, kv_offset in [(0, 0), (40, 0), (0, 40), *rng.integers(0, 48, (12, 2))]:
-        offsets = np.array([q_offset, kv_offset], np.int32)
-        for i in range(nq):
-            kv_blocks = [int(mask.clamp_kv_block(i, j, offsets)) for j in range(nk)]
-            visible = [bool(mask.tile_visible(0, i, j, offsets, None, None)) for j in range(nk)]
-            check_clamped(kv_blocks, visible)
-        for j in range(nk):
-            q_blocks = [int(mask.clamp_q_block(i, j, offsets)) for i in range(nq)]
-            visible = [bool(mask.tile_visible(0, i, j, offsets, None, None)) for i in range(nq)]
-            check_clamped(q_blocks, visible)
+    pairs = np.concatenate([[[0, 0], [40, 0], [0, 40]], rng.integers(0, 48, (40, 2))]).astype(np.int32)
+    offsets = (pairs[:, 0, None, None], pairs[:, 1, None, None])
+    i, j = np.arange(nq)[None, :, None], np.arange(nk)[None, None, :]
+    visible = np.broadcast_to(np.asarray(mask.tile_visible(0, i, j, offsets, None, None)), (len(pairs), nq, nk))
+    kv_blocks = np.broadcast_to(np.asarray(mask.clamp_kv_block(i, j, offsets)), visible.shape)
+    q_blocks = np.broadcast_to(np.asarray(mask.clamp_q_block(i, j, offsets)), visible.shape)
+    for p, (q_offset, kv_offset) in enumerate(pairs):
+        distance = (q_offset + np.arange(nq * bq))[:, None] - (kv_offset + np.arange(nk * bk))[None, :]
+        sees = np.ones_like(distance, bool)
+        if causal:
+            sees &= distance >= 0
+        if window is not None:
+            sees &= (distance < window) & (causal | (distance > -window))
+        np.testing.assert_array_equal(visible[p], sees.reshape(nq, bq, nk, bk).any(axis=(1, 3)))
+        for row in range(nq):
+            check_clamped(kv_blocks[p, row], visible[p, row])
+        for col in range(nk):
+            check_clamped(q_blocks[p, :, col], visible[p, :, col])
 
 
 def check_clamped(blocks, visible):
+    blocks, visible = list(blocks), list(visible)
     assert all(0 <= b < len(blocks) for b in blocks)
     assert all(b == n for n, (b, seen) in enumerate(zip(blocks, visible)) if seen), (blocks, visible)
     if any(visible):  # skipped steps sit at the ends and repeat the nearest visible block
         first, last = visible.index(True), len(visible) - 1 - visible[::-1].index(True)
-        assert set(blocks) == set(range(first, last + 1)), (blocks, visible)
+        assert blocks == sorted(blocks) and set(blocks) == set(range(first, last + 1)), (blocks, visible)
     else:
         assert len(set(blocks)) == 1, blocks
 
@@ -180,11 +196,37 @@ def test_inside_shard_map_with_vma_checks():
     spec = PartitionSpec(None, "sp")
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, None, None, spec),
                             out_specs=(spec, PartitionSpec(None, None, "sp"), spec, spec, spec), check_vma=True)
-    out, lse, dq, dk, dv = jax.jit(sharded)(q, k[:, :8], v[:, :8], d_out)
+    out, lse, dq, dk, dv = jax.jit(sharded, compiler_options=FAST_COMPILE)(q, k[:, :8], v[:, :8], d_out)
     # dk/dv come back per device, concatenated along the sequence: sum the two devices' parts.
     dk, dv = (x[:, :8] + x[:, 8:] for x in (dk, dv))
     expected = oracle(q, k[:, :8], v[:, :8], d_out, causal=True, scale=0.3)
     check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype,causal,window,segments", [(jnp.bfloat16, True, None, True), (jnp.float32, False, 200, False)]
+)
+def test_lowers_to_mosaic_for_tpu(dtype, causal, window, segments):
+    # Cross-lowering runs Pallas' TPU (Mosaic) lowering on this CPU: block shapes must satisfy the
+    # TPU tiling rules and every op in kernels and index maps must have a Mosaic lowering.
+    B, T, S, N, K, H = 2, 256, 384, 8, 2, 80
+    q = jax.ShapeDtypeStruct((B, T, N, H), dtype)
+    k = jax.ShapeDtypeStruct((B, S, K, H), dtype)
+    ids = (None, None)
+    if segments:
+        ids = (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, S), jnp.int32))
+    offset = jax.ShapeDtypeStruct((), jnp.int32)
+    kw = dict(causal=causal, window=window, scale=0.1, block_q=128, block_kv=128)
+
+    def fwd_bwd(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
+        masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
+        out, lse = attention_tpu.attention_fwd(q, k, v, **masking, **kw)
+        return out, lse, attention_tpu.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
+
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, k, k, q, *ids, offset, offset)
+    module = exported.mlir_module()
+    for name in ("ring_attn_tpu_fwd", "ring_attn_tpu_bwd_dq", "ring_attn_tpu_bwd_dkv"):
+        assert name in module
 
 
 @pytest.mark.parametrize(
@@ -198,6 +240,7 @@ def test_inside_shard_map_with_vma_checks():
     ],
 )
 def test_bad_inputs_raise(change, message):
+    change = dict(change)
     N = change.pop("N", 4)
     q, k, v, _ = random_qkv(0, 1, 16, N, 2, 32)
     kw = dict(scale=0.1, block_q=8, block_kv=8, interpret=INTERPRET)

@@ -119,7 +119,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,offsets", CASES)
-def test_forward_and_backward_match_oracle(B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets):
+def test_forward_and_backward_match_oracle(
+    B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets
+):
     run_case(B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets)
 
 
@@ -131,10 +133,16 @@ def test_forward_and_backward_match_oracle(B, T, S, N, K, H, block_q, block_kv, 
     offsets=st.tuples(st.integers(0, 48), st.integers(0, 48)),
 )
 def test_any_block_sizes_that_divide_the_lengths(block_q, block_kv, causal, offsets):
-    run_case(1, 48, 48, 2, 1, 64, block_q, block_kv, causal, None, True, jnp.float32, [offsets], seed=block_q + block_kv)
+    run_case(
+        1, 48, 48, 2, 1, 64, block_q, block_kv, causal, None, True, jnp.float32, [offsets], seed=block_q + block_kv
+    )
 
 
-@given(length_blocks=st.integers(1, 6), block=st.integers(1, 80), cap=st.sampled_from([16, 32, 64, 128]))
+@given(
+    length_blocks=st.integers(1, 6),
+    block=st.one_of(st.sampled_from([16, 32, 48, 64, 256]), st.integers(1, 80)),  # unpadded, padded
+    cap=st.sampled_from([16, 32, 64, 128]),
+)
 def test_tiling_maps_positions_to_tiles(length_blocks, block, cap):
     # Every tile is a power of two >= 16 holding a real row, and the loop bounds count the tiles
     # wholly before a position (first_tile) or starting before it (end_tile).
@@ -166,10 +174,12 @@ def test_tiling_maps_positions_to_tiles(length_blocks, block, cap):
 
 def test_given_delta_replaces_out():
     q, k, v, d_out = random_qkv(7, 1, 32, 4, 4, 64)
-    run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16)  # CASES[0]'s
+    run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16)  # CASES[0]'s kernels, already compiled
     out, lse, grads = run(q, k, v, d_out, None, None, jnp.int32(0), jnp.int32(0))
     delta = jnp.einsum("BTNH,BTNH->BNT", d_out, out)
-    bwd = functools.partial(attention_triton.attention_bwd, causal=True, scale=0.3, block_q=16, block_kv=16, interpret=True)
+    bwd = functools.partial(
+        attention_triton.attention_bwd, causal=True, scale=0.3, block_q=16, block_kv=16, interpret=True
+    )
     with_delta = jax.jit(bwd, compiler_options=FAST_COMPILE)(q, k, v, None, lse, d_out, delta=delta)
     for a, b in zip(grads, with_delta):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -180,7 +190,7 @@ def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
     # tile would spread it (0 * NaN), a skipped one cannot. Offsets are traced, as in a ring.
     T = S = 32
     q, k, v, d_out = random_qkv(5, 1, T, 4, 4, 64)
-    run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16)  # CASES[0]'s
+    run = kernels(causal=True, window=None, scale=0.3, block_q=16, block_kv=16)  # CASES[0]'s kernels, already compiled
     hidden = (np.arange(S) >= 16)[None, :, None, None]  # the second key tile
     k_nan, v_nan = jnp.where(hidden, jnp.nan, k), jnp.where(hidden, jnp.nan, v)
     for q_offset, kv_offset in ((0, 16), (4, 20)):  # queries end at 31 / 35, hidden keys start at 32 / 36
@@ -198,7 +208,7 @@ def test_tiles_with_no_common_segment_are_skipped():
     q, k, v, d_out = random_qkv(6, 1, T, 2, 2, 64)
     ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)  # one document per block of 8
     v_nan = v.at[:, 8:16].set(jnp.nan)  # document 1's values; only document 1's queries may read them
-    run = kernels(causal=False, window=6, scale=0.3, block_q=8, block_kv=8)  # CASES[-1]'s
+    run = kernels(causal=False, window=6, scale=0.3, block_q=8, block_kv=8)  # CASES[-1]'s kernels, already compiled
     out, _, (dq, dk, _) = run(q, k, v_nan, d_out, ids, ids, jnp.int32(0), jnp.int32(0))
     others = np.r_[0:8, 16:32]
     for name, x in (("out", out), ("dq", dq)):
@@ -246,12 +256,15 @@ def test_inside_shard_map():
 )
 def test_kernels_lower_to_triton_for_cuda(T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype):
     # Exporting for CUDA runs the Pallas -> Triton lowering (power-of-two shapes, supported
-    # primitives) without a GPU; inside shard_map with the vma check on, as a ring runs them.
-    mesh = Mesh(np.array(jax.devices()[:2]), ("sp",))
+    # primitives) without a GPU; inside shard_map with the vma check on, as a ring runs them. The
+    # abstract device names the GPU to lower for (newer jax asks; older falls back to sm_90).
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((2,), ("sp",), abstract_device=gpu)
     kw = dict(causal=causal, window=window, scale=0.125, block_q=block_q, block_kv=block_kv)
 
     def local(q, k, v, d_out, q_ids, kv_ids, kv_offset):
-        masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=T * jax.lax.axis_index("sp"), kv_offset=kv_offset)
+        q_offset = T * jax.lax.axis_index("sp")
+        masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
         out, lse = attention_triton.attention_fwd(q, k, v, **masking, **kw)
         return out, lse, *attention_triton.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
 
@@ -265,9 +278,10 @@ def test_kernels_lower_to_triton_for_cuda(T, S, N, K, H, block_q, block_kv, caus
     kv = jax.ShapeDtypeStruct((1, 2 * S, K, H), dtype)
     q_ids = jax.ShapeDtypeStruct((1, 2 * T), jnp.int32) if segments else None
     kv_ids = jax.ShapeDtypeStruct((1, 2 * S), jnp.int32) if segments else None
-    exported = jax.export.export(
-        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
-    )(q, kv, kv, q, q_ids, kv_ids, jax.ShapeDtypeStruct((), jnp.int32))
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(
+            fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
+        )(q, kv, kv, q, q_ids, kv_ids, jax.ShapeDtypeStruct((), jnp.int32))
     module = exported.mlir_module()
     for name in ("ring_attn_fwd", "ring_attn_bwd_dq", "ring_attn_bwd_dkv"):
         assert f'name = "{name}"' in module, name

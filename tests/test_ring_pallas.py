@@ -1,0 +1,58 @@
+"""The ring contract with the Pallas kernels in interpret mode (GPU/Triton and TPU/Mosaic)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, oracle, random_qkv, random_segments, ring_mesh
+
+import ring_attn
+
+
+def check(impl, *, ring_size=4, causal=True, layout="zigzag", window=None, check_vma=True, seed=0, N=8, K=2):
+    B, T, H = 1, 16, 64
+    L = T * ring_size
+    q, k, v, d_out = random_qkv(seed, B, L, N, K, H)
+    ids = random_segments(seed + 1, B, L, 3)
+    fn = functools.partial(
+        ring_attn.ring_attention_global, mesh=ring_mesh(ring_size), axis_name="sp", causal=causal, layout=layout,
+        window=window, segment_ids=ids, block_sizes=ring_attn.BlockSizes(8, 8), impl=impl, check_vma=check_vma,
+    )
+
+    # Interpret mode's cost is compiling the interpreter's loops: optimise them less.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(d_out)
+
+    out, grads = run(q, k, v, d_out)
+    expected, expected_grads = oracle(q, k, v, d_out, causal=causal, window=window, q_segment_ids=ids, kv_segment_ids=ids)
+    assert_close(out, expected, name="out")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(g, e, kind="gradient", name=name)
+
+
+def test_triton_kernels_drive_a_zigzag_ring():
+    check("pallas_triton", check_vma=False)
+
+
+def test_tpu_kernels_drive_a_zigzag_ring_under_shard_map_defaults():
+    check("pallas_tpu", seed=1, N=4, K=1)  # fewer heads: interpreted TPU grid steps are slow
+
+
+def test_tpu_kernels_drive_a_sliding_window_ring():
+    check("pallas_tpu", layout="contiguous", window=21, seed=2, N=4, K=1)
+
+
+def test_interpreted_gpu_kernels_under_check_vma_say_what_to_do():
+    with pytest.raises(NotImplementedError, match="pass check_vma=False to jax.shard_map"):
+        check("pallas_triton", check_vma=True)
+
+
+def test_pallas_feedforward_is_not_silently_replaced():
+    rng = np.random.default_rng(3)
+    x, w_gate, w_up, w_down = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 8, 16), (16, 24), (16, 24), (24, 16)))
+    with pytest.raises(NotImplementedError, match="no Pallas feedforward kernel"):
+        ring_attn.blockwise_feedforward(x, w_gate, w_up, w_down, impl="pallas")
