@@ -17,19 +17,19 @@ import functools
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import reference  # noqa: E402
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
+from timing import median_time  # noqa: E402
 
 TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
 
@@ -37,16 +37,6 @@ TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gra
 def rel_err(actual, expected):
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
-
-
-def median_seconds(fn, args, runs):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_inputs(seed, B, L, N, K, H, dtype):
@@ -104,8 +94,8 @@ def timing(impl, lengths, head_dims, B, N, runs, on_gpu):
                     fwd = jax.jit(fn)
                     grad = jax.jit(jax.grad(lambda q, k, v, d, fn=fn: jnp.sum((fn(q, k, v) * d).astype(jnp.float32)), argnums=(0, 1, 2)))
                     try:
-                        t_fwd = median_seconds(fwd, (q, k, v), runs)
-                        t_all = median_seconds(grad, (q, k, v, d_out), runs)
+                        t_fwd = median_time(fwd, (q, k, v), runs)
+                        t_all = median_time(grad, (q, k, v, d_out), runs)
                     except Exception as e:  # a peer that cannot run this shape is reported, not fatal
                         row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                         continue
@@ -124,7 +114,7 @@ def timing(impl, lengths, head_dims, B, N, runs, on_gpu):
 
 def matmul_ceiling(n, runs):
     a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), jnp.bfloat16) for i in range(2))
-    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), (a, b), runs)
+    return 2 * n**3 / median_time(jax.jit(jnp.matmul), (a, b), runs)
 
 
 def markdown(report):

@@ -3,7 +3,7 @@
     python bench/scaling.py memory    # compiled temp bytes vs shard length and ring size (no runs)
     python bench/scaling.py window    # causal fwd+bwd with window L/8 vs full causal, ring of 8
     python bench/scaling.py overlap   # ring step time with and without the k/v transfer
-    python bench/scaling.py flops     # achieved FLOP/s vs L and ring size, with one-device XLA
+    python bench/scaling.py flops     # achieved FLOP/s vs L (to --max-length) and ring size, one-device XLA
     python bench/scaling.py all       # all four, then the plots
 
 Each section prints a markdown table and writes bench/results/<section>.json; `flops` and `all`
@@ -155,11 +155,11 @@ def overlap(runs):
     save("overlap", {"L": L, "rows": rows})
 
 
-def flops(runs):
+def flops(runs, max_length):
     """Achieved FLOP/s of the ring forward and forward+backward against measured ceilings."""
     matmul, copy = matmul_ceiling(runs), copy_ceiling(runs)
     rows = []
-    for L in (2048, 4096, 8192, 16384, 32768):
+    for L in (L for L in (2048, 4096, 8192, 16384, 32768, 65536) if L <= max_length):
         for R in (1, 2, 4, 8):
             mesh = mesh_of(R)
             args = inputs(L, mesh)
@@ -227,6 +227,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("section", choices=("memory", "window", "overlap", "flops", "plots", "all"))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=16384, help="longest L of the flops sweep")
     args = parser.parse_args()
     if args.section in ("memory", "all"):
         memory()
@@ -235,7 +236,7 @@ def main():
     if args.section in ("overlap", "all"):
         overlap(args.runs)
     if args.section in ("flops", "all"):
-        flops(args.runs)
+        flops(args.runs, args.max_length)
     if args.section in ("flops", "plots", "all"):
         plots()
 

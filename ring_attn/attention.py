@@ -112,7 +112,7 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    (B, T, N, H), (Bk, S, K, Hk) = q.shape, k.shape
+    (B, _, N, H), (Bk, _, K, Hk) = q.shape, k.shape
     if B != Bk:
         raise ValueError(f"q and k must have the same batch size, got q {B=} and k B={Bk}")
     if H != Hk:

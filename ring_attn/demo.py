@@ -55,7 +55,6 @@ def main(argv=None):
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.ring_size}"
     )
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P

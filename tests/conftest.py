@@ -1,5 +1,6 @@
 """Shared test setup: 8 simulated CPU devices, one tolerance table, one comparison, random inputs."""
 
+import functools
 import os
 
 # Before jax starts: a ring of up to 8 devices on the host CPU.
@@ -78,15 +79,44 @@ def oracle(q, k, v, d_out, **kwargs):
         return np.asarray(out), tuple(np.asarray(g) for g in grads)
 
 
-def output_and_grads(fn, q, k, v, d_out):
+def output_and_grads(fn, q, k, v, d_out, compiler_options=None):
     """fn(q, k, v) and its gradients for cotangent d_out, in one jitted call."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(q, k, v, d_out):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(d_out)
 
     return run(q, k, v, d_out)
+
+
+def assert_matches_oracle(fn, q, k, v, d_out, compiler_options=None, **oracle_kwargs):
+    """fn(q, k, v) and its gradients against the float64 oracle given `oracle_kwargs`."""
+    out, grads = output_and_grads(fn, q, k, v, d_out, compiler_options)
+    expected, expected_grads = oracle(q, k, v, d_out, **oracle_kwargs)
+    assert_close(out, expected, name="out")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(g, e, kind="gradient", name=name)
+    return out, grads
+
+
+def assert_kernel_matches_oracle(out, lse, grads, expected, dtype):
+    """A kernel's float32 (out, lse) and (dq, dk, dv) against the oracle's (out, lse, grads):
+    rows that see no key have lse -inf and out 0, and gradients with nothing visible are 0."""
+    expected_out, expected_lse, expected_grads = expected
+    assert out.dtype == lse.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
+    assert out.shape == expected_out.shape and lse.shape == expected_lse.shape
+    seen = np.isfinite(expected_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), ~seen, err_msg="rows that see no key have lse -inf")
+    np.testing.assert_array_equal(np.asarray(out)[np.swapaxes(~seen, 1, 2)], 0.0, err_msg="and out 0")
+    if seen.any():
+        assert_close(out, expected_out, dtype=dtype, name="out")
+        assert_close(np.asarray(lse)[seen], expected_lse[seen], dtype=dtype, name="lse")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        if np.linalg.norm(e) == 0:  # nothing visible: exactly zero
+            np.testing.assert_array_equal(np.asarray(g), 0.0, err_msg=name)
+        else:
+            assert_close(g, e, dtype=dtype, kind="gradient", name=name)
 
 
 @pytest.fixture(scope="session")

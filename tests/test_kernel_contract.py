@@ -94,7 +94,7 @@ def test_tiles_above_the_diagonal_are_skipped_not_masked():
 
 
 def test_tiles_with_no_common_segment_are_skipped():
-    T = S = 32
+    T = 32
     q, k, v, _ = random_qkv(6, 1, T, 4, 4, 32)
     ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)  # one document per tile of 8
     v_nan = v.at[:, 8:16].set(jnp.nan)  # document 1's values; only document 1's queries may read them

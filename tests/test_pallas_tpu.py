@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_qkv, random_segments
+from conftest import assert_kernel_matches_oracle, random_qkv, random_segments
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec
 
@@ -61,22 +61,6 @@ def _oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, *, causal=False,
     return out, lse, vjp((d_out, jnp.zeros_like(lse)))
 
 
-def check_against_oracle(out, lse, grads, expected, dtype):
-    expected_out, expected_lse, expected_grads = expected
-    assert out.dtype == lse.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
-    seen = np.isfinite(expected_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), ~seen, err_msg="rows that see no key have lse -inf")
-    np.testing.assert_array_equal(np.asarray(out)[np.swapaxes(~seen, 1, 2)], 0.0, err_msg="and out 0")
-    if seen.any():
-        assert_close(out, expected_out, dtype=dtype, name="out")
-        assert_close(np.asarray(lse)[seen], expected_lse[seen], dtype=dtype, name="lse")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        if np.linalg.norm(e) == 0:  # nothing visible: exactly zero
-            np.testing.assert_array_equal(np.asarray(g), 0.0, err_msg=name)
-        else:
-            assert_close(g, e, dtype=dtype, kind="gradient", name=name)
-
-
 CASES = [
     # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, [(q_offset, kv_offset), ...])
     # MHA, shifted so that a whole tile is hidden, rows 5..11 see no key, and diagonal tiles mask.
@@ -105,7 +89,7 @@ def test_forward_and_backward_match_oracle(
     for q_offset, kv_offset in offsets:  # one compiled kernel for every offset
         out, lse, grads = run(q, k, v, d_out, q_ids, kv_ids, jnp.int32(q_offset), jnp.int32(kv_offset))
         expected = oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, **static)
-        check_against_oracle(out, lse, grads, expected, dtype)
+        assert_kernel_matches_oracle(out, lse, grads, expected, dtype)
 
 
 def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
@@ -122,7 +106,7 @@ def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
     np.testing.assert_array_equal(np.asarray(dk)[:, 16:], 0.0, err_msg="the dk/dv kernel computed it")
     np.testing.assert_array_equal(np.asarray(dv)[:, 16:], 0.0)
     expected = oracle(q, k, v, d_out, q_offset=0, kv_offset=16, causal=True, scale=0.3)
-    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+    assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 def test_tiles_with_no_common_segment_are_skipped():
@@ -137,7 +121,7 @@ def test_tiles_with_no_common_segment_are_skipped():
         assert np.all(np.isfinite(np.asarray(x))), f"{name}: a tile with no common segment was computed"
     np.testing.assert_array_equal(np.asarray(dv)[0, 16:], 0.0)
     expected = oracle(q, k, v, d_out, q_ids, kv_ids, 3, 0, causal=False, window=6, scale=0.3)
-    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+    assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 11), (False, 11)])
@@ -200,7 +184,7 @@ def test_inside_shard_map_with_vma_checks():
     # dk/dv come back per device, concatenated along the sequence: sum the two devices' parts.
     dk, dv = (x[:, :8] + x[:, 8:] for x in (dk, dv))
     expected = oracle(q, k[:, :8], v[:, :8], d_out, causal=True, scale=0.3)
-    check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+    assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 @pytest.mark.parametrize(

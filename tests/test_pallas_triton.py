@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_qkv, random_segments
+from conftest import assert_kernel_matches_oracle, random_qkv, random_segments
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import triton as plgpu
@@ -66,23 +66,6 @@ def _oracle(*, causal, window, scale):
     return run
 
 
-def check_against_oracle(out, lse, grads, expected, dtype):
-    expected_out, expected_lse, expected_grads = expected
-    assert out.dtype == lse.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
-    assert out.shape == expected_out.shape and lse.shape == expected_lse.shape
-    seen = np.isfinite(expected_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), ~seen, err_msg="rows that see no key have lse -inf")
-    np.testing.assert_array_equal(np.asarray(out)[np.swapaxes(~seen, 1, 2)], 0.0, err_msg="and out 0")
-    if seen.any():
-        assert_close(out, expected_out, dtype=dtype, name="out")
-        assert_close(np.asarray(lse)[seen], expected_lse[seen], dtype=dtype, name="lse")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        if np.linalg.norm(e) == 0:  # nothing visible: exactly zero
-            np.testing.assert_array_equal(np.asarray(g), 0.0, err_msg=name)
-        else:
-            assert_close(g, e, dtype=dtype, kind="gradient", name=name)
-
-
 def run_case(B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets, seed=0):
     q, k, v, d_out = random_qkv(T * S + H + seed, B, T, N, K, H, S=S, dtype=dtype)
     q_ids = random_segments(T + seed, B, T, 3) if segments else None
@@ -94,7 +77,7 @@ def run_case(B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtyp
             q, k, v, d_out, causal=causal, window=window, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
             scale=0.3, q_offset=q_offset, kv_offset=kv_offset,
         )
-        check_against_oracle(out, lse, grads, expected, dtype)
+        assert_kernel_matches_oracle(out, lse, grads, expected, dtype)
 
 
 CASES = [
@@ -200,11 +183,11 @@ def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked():
         np.testing.assert_array_equal(np.asarray(dk)[:, 16:], 0.0, err_msg="the dk/dv kernel computed it")
         np.testing.assert_array_equal(np.asarray(dv)[:, 16:], 0.0)
         expected = oracle(q, k, v, d_out, causal=True, scale=0.3, q_offset=q_offset, kv_offset=kv_offset)
-        check_against_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
+        assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, jnp.float32)
 
 
 def test_tiles_with_no_common_segment_are_skipped():
-    T = S = 32
+    T = 32
     q, k, v, d_out = random_qkv(6, 1, T, 2, 2, 64)
     ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)  # one document per block of 8
     v_nan = v.at[:, 8:16].set(jnp.nan)  # document 1's values; only document 1's queries may read them

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FULL, assert_close, oracle, output_and_grads, random_qkv, random_segments, ring_mesh
+from conftest import FULL, assert_close, assert_matches_oracle, oracle, output_and_grads, random_qkv, random_segments, ring_mesh
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
@@ -29,11 +29,7 @@ def check_against_oracle(ring_size, *, causal, layout, segments, N, K, H, B=2, T
     q, k, v, d_out = random_qkv(seed, B, L, N, K, H)
     ids = random_segments(seed + 1, B, L) if segments else None
     fn = ring_fn(ring_size, causal=causal, layout=layout, segment_ids=ids, block_sizes=block_sizes)
-    out, grads = output_and_grads(fn, q, k, v, d_out)
-    expected, expected_grads = oracle(q, k, v, d_out, causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
-    assert_close(out, expected, name="out")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_close(g, e, kind="gradient", name=name)
+    assert_matches_oracle(fn, q, k, v, d_out, causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
 
 
 def grid():
@@ -91,11 +87,7 @@ def test_single_device_query_and_key_lengths_differ(causal):
     fn = functools.partial(
         ring_attn.ring_attention, causal=causal, segment_ids=(q_ids, kv_ids), block_sizes=ring_attn.BlockSizes(8, 8)
     )
-    out, grads = output_and_grads(fn, q, k, v, d_out)
-    expected, expected_grads = oracle(q, k, v, d_out, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
-    assert_close(out, expected, name="out")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_close(g, e, kind="gradient", name=name)
+    assert_matches_oracle(fn, q, k, v, d_out, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
 
 
 def test_result_does_not_depend_on_ring_size():
@@ -138,11 +130,7 @@ def test_logits_scaled_by_100_stay_finite_and_exact():
     q, k, v, d_out = random_qkv(10, 1, 64, 4, 4, 32)
     q = q * 100.0
     fn = ring_fn(8, causal=True, layout="zigzag")
-    out, grads = output_and_grads(fn, q, k, v, d_out)
-    expected, expected_grads = oracle(q, k, v, d_out, causal=True)
-    assert_close(out, expected, name="out")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_close(g, e, kind="gradient", name=name)
+    assert_matches_oracle(fn, q, k, v, d_out, causal=True)
 
 
 def test_bfloat16_ring_of_8_is_close_to_float32():
@@ -179,8 +167,4 @@ def test_under_transforms(transform):
     sharded = jax.shard_map(attend, mesh=ring_mesh(R), in_specs=(seq,) * 4, out_specs=seq, check_vma=check_vma)
     zz = functools.partial(ring_attn.zigzag, ring_size=R)
     fn = lambda q, k, v: ring_attn.unzigzag(sharded(zz(q), zz(k), zz(v), zz(ids)), R)  # noqa: E731
-    out, grads = output_and_grads(fn, q, k, v, d_out)
-    expected, expected_grads = oracle(q, k, v, d_out, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
-    assert_close(out, expected, name="out")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
-        assert_close(g, e, kind="gradient", name=name)
+    assert_matches_oracle(fn, q, k, v, d_out, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
