@@ -423,6 +423,19 @@ def _dkv_kv_ids_index(b, h, j, g, i, offsets_ref, *_):
     return b, 0, j
 
 
+def _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, *, scale):
+    """Scaled scores [bq, bk] of tile (i, j), MASK_VALUE where a query may not see a key."""
+    s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale
+    q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
+    visible = mask.element_mask(
+        q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
+        kv_first + lax.broadcasted_iota(jnp.int32, s.shape, 1),
+        None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
+        None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
+    )
+    return s if visible is None else jnp.where(visible, s, MASK_VALUE)
+
+
 def _fwd_kernel(
     offsets_ref, q_range_ref, kv_range_ref,  # scalar prefetch (SMEM)
     q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
@@ -441,16 +454,7 @@ def _fwd_kernel(
 
     def _compute():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale  # [bq, bk]
-        q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
-        visible = mask.element_mask(
-            q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
-            kv_first + lax.broadcasted_iota(jnp.int32, s.shape, 1),
-            None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
-            None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
-        )
-        if visible is not None:
-            s = jnp.where(visible, s, MASK_VALUE)
+        s = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale)  # [bq, bk]
         m_prev, l_prev = m_scratch_ref[...], l_scratch_ref[...]  # [bq, 128], lanes equal
         m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])
         p = jnp.exp(s - _lanes(m_next, bk))
@@ -488,16 +492,7 @@ def _bwd_dq_kernel(
 
     def _compute():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale  # [bq, bk]
-        q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
-        visible = mask.element_mask(
-            q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
-            kv_first + lax.broadcasted_iota(jnp.int32, s.shape, 1),
-            None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
-            None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
-        )
-        if visible is not None:
-            s = jnp.where(visible, s, MASK_VALUE)
+        s = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale)  # [bq, bk]
         p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))  # lse [bq, 1]; masked entries give 0
         dp = lax.dot_general(do.astype(v.dtype), v, _NT_DIMS, preferred_element_type=jnp.float32)
         ds = p * (dp - jnp.expand_dims(delta_ref[0], -1))
