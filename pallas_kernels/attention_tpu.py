@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_xla import match_vma
+from pallas_kernels.attention_xla import match_vma, position_conditions
 
 # Finite, so masked scores never make inf - inf; rows that see no key are detected and zeroed.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -282,13 +282,7 @@ class _Mask:
     def tile_visible(self, b, i, j, offsets_ref, q_range_ref, kv_range_ref):
         """Scalar bool (None: always) that some query of tile i may see some key of tile j."""
         q_first, q_last, kv_first, kv_last = self.bounds(i, j, offsets_ref)
-        conditions = []
-        if self.causal:
-            conditions.append(q_last >= kv_first)
-        if self.window is not None:
-            conditions.append(q_first - kv_last < self.window)
-            if not self.causal:
-                conditions.append(kv_first - q_last < self.window)
+        conditions = position_conditions(q_first, q_last, kv_first, kv_last, causal=self.causal, window=self.window)
         if self.segments:
             # Disjoint id ranges share no id; with sorted ids (packing) every such tile is caught.
             qi, kj = 2 * (b * self.num_q_blocks + i), 2 * (b * self.num_kv_blocks + j)

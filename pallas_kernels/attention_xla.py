@@ -61,6 +61,19 @@ def _kv_unblock(x):
     return x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, H)
 
 
+def position_conditions(q_first, q_last, kv_first, kv_last, *, causal, window):
+    """Scalar bools that must all hold for a query tile [q_first, q_last] to see some key of a
+    key tile [kv_first, kv_last] under causality and a sliding window (positions are global)."""
+    conditions = []
+    if causal:
+        conditions.append(q_last >= kv_first)
+    if window is not None:
+        conditions.append(q_first - kv_last < window)
+        if not causal:
+            conditions.append(kv_first - q_last < window)
+    return conditions
+
+
 class _Masking:
     """Which (query tile, key tile) pairs are visible, and the element mask inside a tile.
 
@@ -93,13 +106,10 @@ class _Masking:
         """Scalar bool: some query of the q tile may see some key of the kv tile."""
         conditions = []
         if "pos" in q_tile:
-            q_first, q_last, kv_first, kv_last = q_tile["pos"][0], q_tile["pos"][-1], kv_tile["pos"][0], kv_tile["pos"][-1]
-        if self.causal:
-            conditions.append(q_last >= kv_first)
-        if self.window is not None:
-            conditions.append(q_first - kv_last < self.window)
-            if not self.causal:
-                conditions.append(kv_first - q_last < self.window)
+            q_pos, kv_pos = q_tile["pos"], kv_tile["pos"]
+            conditions += position_conditions(
+                q_pos[0], q_pos[-1], kv_pos[0], kv_pos[-1], causal=self.causal, window=self.window
+            )
         if self.segments:
             # Disjoint id ranges cannot match; exact for the sorted ids that packing produces.
             q_seg, kv_seg = q_tile["seg"], kv_tile["seg"]
