@@ -1,0 +1,212 @@
+"""Decoding with a KV cache sharded over the ring axis.
+
+The cache stays where prefill left it: device i holds a shard of C slots in the training layout
+("contiguous" or "zigzag", see `ring_attn.layout`), so no reshuffle is needed. The few new query
+tokens are replicated; each device attends them to its own shard, and the float32 partials
+`(out, lse)` are merged exactly with one collective. Only O(R * B * n * N * H) values move, never
+the cache.
+"""
+
+import math
+from collections.abc import Hashable
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ring_attn.layout import LAYOUTS
+
+# Finite, so a row whose keys are all masked stays finite (it is then set to 0 explicitly).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _ring_position(axis_name, fn):
+    """(ring size, this device's index); (1, 0) for axis_name=None."""
+    if axis_name is None:
+        return 1, 0
+    try:
+        return lax.axis_size(axis_name), lax.axis_index(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{axis_name=} is not bound: call {fn} inside jax.shard_map over a mesh with that axis, "
+            "or pass axis_name=None for one device"
+        ) from None
+
+
+def _check_layout(layout, cache_len):
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
+    if layout == "zigzag" and cache_len % 2:
+        raise ValueError(
+            f"layout='zigzag' holds two chunks per device, so the local cache length must be even, got {cache_len}"
+        )
+
+
+def cache_positions(cache_len, axis_name, layout="contiguous"):
+    """int32 [cache_len]: the global position of each slot of this device's cache shard.
+
+    contiguous: device i holds [i*C, (i+1)*C). zigzag: with half = C/2, device i holds chunk i
+    (slots 0..half-1) and chunk 2R-1-i (slots half..C-1) of the 2R chunks of the global cache.
+    """
+    _check_layout(layout, cache_len)
+    ring_size, index = _ring_position(axis_name, "cache_positions")
+    if layout == "contiguous":
+        return index * cache_len + jnp.arange(cache_len, dtype=jnp.int32)
+    half = cache_len // 2
+    offsets = jnp.arange(half, dtype=jnp.int32)
+    return jnp.concatenate([index * half + offsets, (2 * ring_size - 1 - index) * half + offsets])
+
+
+def _owner_and_slot(pos, cache_len, ring_size, layout):
+    """Inverse of `cache_positions`: the device holding global position `pos` and its local slot."""
+    if layout == "contiguous":
+        return pos // cache_len, pos % cache_len
+    half = cache_len // 2
+    chunk, within = pos // half, pos % half
+    first = chunk < ring_size  # chunk i sits first on device i; chunk 2R-1-i second
+    return jnp.where(first, chunk, 2 * ring_size - 1 - chunk), jnp.where(first, within, half + within)
+
+
+def _check_array(name, x, rank, dims):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank}, {dims}, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def _per_row(name, value, B, low=None, high=None):
+    """A Python int or an integer array of shape [] or [B], as int32 [B]. Python ints are also
+    range-checked; traced values cannot be."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        return jnp.full((B,), value, jnp.int32)
+    if not hasattr(value, "shape") or not hasattr(value, "dtype") or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an int or an integer array of shape [B] = ({B},), got {value!r}")
+    if tuple(value.shape) not in ((), (B,)):
+        raise ValueError(f"{name} must have shape [] or [B] = ({B},), got {tuple(value.shape)}")
+    return jnp.broadcast_to(value.astype(jnp.int32), (B,))
+
+
+def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, layout="contiguous", scale=None):
+    """Attention of n new query tokens over a KV cache sharded round the ring.
+
+    Call inside `jax.shard_map`; the result is the same on every device (out_specs `P()` is fine).
+
+    Args:
+      q: [B, n, N, H], the new query tokens, replicated over the ring axis.
+      k_cache, v_cache: [B, C, K, H], this device's shard of the global cache of length R * C
+        (R the ring size), placed as `layout` says; K must divide N (grouped-query attention).
+      axis_name: the `shard_map` mesh axis the cache is sharded over; None: one device.
+      kv_length: int or int array [B]: valid cache positions per batch row, including the n new
+        tokens already written (see `ring_cache_update`); at most R * C. Query j sits at global
+        position kv_length - n + j and sees the cache positions up to its own (causal).
+      layout: "contiguous" or "zigzag", the layout the cache was prefilled in.
+      scale: score scale; None: 1 / sqrt(H).
+
+    Returns:
+      [B, n, N, H] in q's dtype, accumulated in float32. A query that sees no key returns 0.
+    """
+    _check_array("q", q, 4, "[B, n, N, H]")
+    _check_array("k_cache", k_cache, 4, "[B, C, K, H]")
+    _check_array("v_cache", v_cache, 4, "[B, C, K, H]")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    (B, n, N, H), (Bc, C, K, Hc) = q.shape, k_cache.shape
+    if (B, H) != (Bc, Hc):
+        raise ValueError(f"q [B, n, N, H] = {q.shape} and k_cache [B, C, K, H] = {k_cache.shape} must agree on B and H")
+    if N % K:
+        raise ValueError(f"k_cache has {K=} heads, which must divide q's {N=}")
+    _check_layout(layout, C)
+    if scale is None:
+        scale = 1.0 / math.sqrt(H)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
+    ring_size, index = _ring_position(axis_name, "ring_decode")
+    kv_length = _per_row("kv_length", kv_length, B, 0, ring_size * C)
+
+    # Local partial over this shard. Query j of row b sees slot c when pos[c] <= its own position;
+    # that also keeps it below kv_length, so slots past the valid prefix (stale or unwritten) drop out.
+    q_pos = kv_length[:, None] - n + jnp.arange(n, dtype=jnp.int32)  # [B, n]
+    visible = cache_positions(C, axis_name, layout)[None, None, :] <= q_pos[:, :, None]  # [B, n, C]
+    visible = visible[:, None, None]  # [B, 1, 1, n, C], against scores [B, K, G, n, C]
+    # float32 products for float32 inputs (some backends round to TF32/bf16 by default).
+    precision = lax.Precision.HIGHEST if jnp.dtype(q.dtype).itemsize >= 4 else None
+    qg = q.reshape(B, n, K, N // K, H)  # query head h reads key/value head h // (N // K)
+    s = jnp.einsum("BnKGH,BCKH->BKGnC", qg, k_cache, precision=precision, preferred_element_type=jnp.float32)
+    s = jnp.where(visible, s * scale, MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    acc = jnp.einsum("BKGnC,BCKH->BKGnH", p.astype(v_cache.dtype), v_cache, precision=precision,
+                     preferred_element_type=jnp.float32)
+    seen = jnp.any(visible, axis=-1, keepdims=True)  # [B, 1, 1, n, 1]
+    # A row with nothing visible here weighs m - m = 0 for all masked slots: force out 0, lse -inf.
+    out = jnp.where(seen, acc / l, 0.0)
+    lse = jnp.where(seen, m + jnp.log(l), -jnp.inf)
+    partial = jnp.concatenate([out, lse], axis=-1)  # [B, K, G, n, H + 1]: one buffer, one collective
+
+    if axis_name is not None:
+        # Gather every device's partial with ONE psum of a one-hot slot per device. all_gather would
+        # move the same data but its result counts as device-varying under check_vma, so the caller
+        # could not return it with out_specs P(); psum's result is replicated by construction.
+        slots = jnp.zeros((ring_size,) + partial.shape, jnp.float32)
+        partials = lax.psum(lax.dynamic_update_index_in_dim(slots, partial, index, 0), axis_name)
+    else:
+        partials = partial[None]
+    outs, lses = partials[..., :H], partials[..., H:]
+    # Exact logsumexp merge; if no device saw a key, every weight is exp(-inf) = 0 and out is 0.
+    top = jnp.max(lses, axis=0)
+    weights = jnp.exp(lses - jnp.where(jnp.isneginf(top), 0.0, top))
+    total = jnp.sum(weights, axis=0)
+    out = jnp.sum(weights * outs, axis=0) / jnp.where(total > 0, total, 1.0)  # [B, K, G, n, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, n, N, H).astype(q.dtype)
+
+
+def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | None, position, layout="contiguous"):
+    """Writes n new tokens into the sharded cache at global positions position .. position + n - 1.
+
+    Call inside `jax.shard_map`. Each device writes only the positions it holds; no collective.
+
+    Args:
+      k_cache, v_cache: [B, C, K, H], this device's shard of the global cache (see `ring_decode`).
+      k_new, v_new: [B, n, K, H], the new keys and values, replicated over the ring axis.
+      axis_name: the mesh axis the cache is sharded over; None: one device.
+      position: int or int array [B]: the global position of the first new token, per batch row.
+        Tokens that fall outside [0, R * C) are dropped.
+      layout: "contiguous" or "zigzag", as the cache was prefilled.
+
+    Returns:
+      The updated (k_cache, v_cache), in the caches' dtype.
+    """
+    _check_array("k_cache", k_cache, 4, "[B, C, K, H]")
+    _check_array("v_cache", v_cache, 4, "[B, C, K, H]")
+    _check_array("k_new", k_new, 4, "[B, n, K, H]")
+    _check_array("v_new", v_new, 4, "[B, n, K, H]")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have the same shape, got {k_new.shape} and {v_new.shape}")
+    (B, C, K, H), n = k_cache.shape, k_new.shape[1]
+    if (k_new.shape[0],) + k_new.shape[2:] != (B, K, H):
+        raise ValueError(
+            f"k_new [B, n, K, H] = {k_new.shape} must match k_cache [B, C, K, H] = {k_cache.shape} on B, K, H"
+        )
+    _check_layout(layout, C)
+    ring_size, index = _ring_position(axis_name, "ring_cache_update")
+    position = _per_row("position", position, B)
+
+    pos = position[:, None] + jnp.arange(n, dtype=jnp.int32)  # [B, n] global positions
+    owner, slot = _owner_and_slot(pos, C, ring_size, layout)
+    mine = (owner == index) & (pos >= 0) & (pos < ring_size * C)
+    # Tokens this device does not hold get slot C, one past the end, which mode="drop" skips
+    # (a negative index would wrap round instead).
+    slot = jnp.where(mine, slot, C)
+    rows = jnp.arange(B)[:, None]
+    k_cache = k_cache.at[rows, slot].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, slot].set(v_new.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
