@@ -1,0 +1,251 @@
+"""python -m model_zoo {train, generate, eval-needle, convert}: the model zoo's command line."""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _number_list(kind):
+    def parse(text):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def _stages(text):
+    """'512:1e4:240,2048:1e5:60' -> [(seq_len, rope_theta, steps), ...]."""
+    stages = []
+    for part in text.split(","):
+        fields = part.split(":")
+        try:
+            seq_len, theta, steps = int(fields[0]), float(fields[1]), int(fields[2])
+            if len(fields) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:ROPE_THETA:STEPS, got {part!r}") from None
+        stages.append((seq_len, theta, steps))
+    return stages
+
+
+def _mesh(text):
+    """'dp=1,sp=8' -> (("dp", 1), ("sp", 8))."""
+    axes = []
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if name not in ("dp", "fsdp", "tp", "sp") or not size.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"a mesh axis is NAME=SIZE with NAME in dp, fsdp, tp, sp; got {part!r}")
+        axes.append((name, int(size)))
+    return tuple(axes)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m model_zoo", description=__doc__)
+    parser.add_argument("--cpu-devices", type=_positive_int, default=8,
+                        help="simulated devices when running on CPU (default 8: a ring of 8)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume training) with progressive context")
+    train.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    train.add_argument("--workdir", required=True, type=pathlib.Path, help="checkpoints, metrics.jsonl, loss.png")
+    train.add_argument("--steps", type=_positive_int, help="total steps, split over the stages in their proportions")
+    train.add_argument("--stages", type=_stages, help="SEQ_LEN:ROPE_THETA:STEPS,... (default: the preset's)")
+    train.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint period in steps")
+    train.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
+    train.add_argument("--batch-size", type=_positive_int, default=8)
+    train.add_argument("--learning-rate", type=float, default=3e-3)
+    train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mesh", type=_mesh, default=(("sp", -1),), help="axis sizes, e.g. dp=2,sp=4 (default sp=all)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gen = commands.add_parser("generate", help="generate from a trained or converted model")
+    gen.add_argument("--model", required=True, type=pathlib.Path, help="training workdir or converted model folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+    gen.add_argument("--tokenizer", type=pathlib.Path, help="SentencePiece model (default: the shipped one)")
+    gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+
+    needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
+    needle.add_argument("--workdir", required=True, type=pathlib.Path, help="the model (training workdir or model folder)")
+    needle.add_argument("--lengths", type=_number_list(int), default=[256, 512, 1024, 1536, 2048])
+    needle.add_argument("--depths", type=_number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    needle.add_argument("--trials", type=_positive_int, default=4, help="haystacks per cell")
+    needle.add_argument("--needles", type=_positive_int, default=1, help="needles hidden")
+    needle.add_argument("--asked", type=_positive_int, default=1, help="needles asked for")
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--out", type=pathlib.Path, help="where needle.json/png go (default: the workdir)")
+    needle.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+
+    convert = commands.add_parser("convert", help="Hugging Face LLaMA folder -> model folder")
+    convert.add_argument("hf_dir", type=pathlib.Path)
+    convert.add_argument("out_dir", type=pathlib.Path)
+    convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    flag = "--xla_force_host_platform_device_count"
+    if flag not in os.environ.get("XLA_FLAGS", ""):  # read when the CPU backend starts, so before any use
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.cpu_devices}".strip()
+    try:
+        {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "convert": _convert}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(args):
+    from model_zoo.config import preset
+    from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train
+
+    model = preset(args.preset)
+    if args.stages:
+        stages = tuple(Stage(*s) for s in args.stages)
+    elif args.preset == "tiny":
+        stages = TINY_STAGES
+    else:
+        raise ValueError(f"--stages is required for preset {args.preset!r} (only 'tiny' has default stages)")
+    if args.steps:
+        stages = _scale_steps(stages, args.steps)
+    model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)))
+    cfg = TrainConfig(
+        model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        needle_fraction=args.needle_fraction, seed=args.seed, save_every=args.save_every,
+        keep_checkpoints=args.keep, mesh=args.mesh,
+    )
+    _check_same_run(args.workdir, cfg)
+    train(cfg, args.workdir, progress=not args.no_progress)
+    print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, plot in {args.workdir / 'loss.png'}")
+
+
+def _scale_steps(stages, total):
+    import dataclasses
+
+    if total < len(stages):
+        raise ValueError(f"--steps {total} is fewer than the {len(stages)} stages")
+    weights = [s.steps for s in stages]
+    counts = [max(1, round(total * w / sum(weights))) for w in weights]
+    counts[-1] = max(1, total - sum(counts[:-1]))
+    return tuple(dataclasses.replace(s, steps=c) for s, c in zip(stages, counts))
+
+
+def _check_same_run(workdir, cfg):
+    """A workdir holds one run: resuming with different settings would mix two runs' checkpoints."""
+    import dataclasses
+
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    path = workdir / "run.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        if changed:
+            raise ValueError(f"{workdir} holds a run with different settings ({', '.join(changed)}); "
+                             "use the same command to resume, or a new --workdir")
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _load(path, mesh_axes):
+    import jax
+
+    from model_zoo.checkpoint import load_model
+    from model_zoo.model import init_params
+    from model_zoo.sharding import make_mesh, param_shardings
+
+    mesh = make_mesh(**dict(mesh_axes))
+    shardings = lambda config: param_shardings(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), mesh)
+    config, params = load_model(path, shardings=shardings)
+    return mesh, config, params
+
+
+def _tokenizer(path):
+    from model_zoo.tokenizer import Tokenizer, default_tokenizer
+
+    return Tokenizer(path) if path else default_tokenizer()
+
+
+def _generate(args):
+    import jax
+
+    from model_zoo.corpus import chat_prompt
+    from model_zoo.generate import generate
+
+    tokenizer = _tokenizer(args.tokenizer)
+    mesh, config, params = _load(args.model, args.mesh)
+    text = args.prompt if args.raw else chat_prompt(args.prompt)
+    prompt = [tokenizer.bos_id] + tokenizer.encode(text)
+    emitted = []
+
+    def stream(step, tokens):
+        if tokens[0] >= 0 and tokens[0] != tokenizer.eos_id:
+            emitted.append(int(tokens[0]))
+            text = tokenizer.decode(emitted)
+            print(text[len(tokenizer.decode(emitted[:-1])):], end="", flush=True)
+
+    with jax.set_mesh(mesh):
+        generate(params, [prompt], config=config, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,), on_tokens=stream)
+    print()
+
+
+def _eval_needle(args):
+    import jax
+    import numpy as np
+
+    from model_zoo.needle import evaluate_needles, format_table, save_results
+
+    if args.asked > args.needles:
+        raise ValueError(f"--asked {args.asked} cannot exceed --needles {args.needles}")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
+    mesh, config, params = _load(args.workdir, args.mesh)
+    if max(args.lengths) + 12 * args.asked > config.max_position_embeddings:
+        raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions")
+
+    def report(length, depth, score, sample):
+        print(f"context {length:>6}, depth {depth:.2f}: {score:.2f}   (first answer: {sample!r})", flush=True)
+
+    with jax.set_mesh(mesh):
+        scores = evaluate_needles(params, config, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                                  num_needles=args.needles, num_asked=args.asked, seed=args.seed, on_cell=report)
+    print(format_table(scores, args.lengths, args.depths))
+    out = args.out or args.workdir
+    save_results(out, np.asarray(scores), args.lengths, args.depths, trials=args.trials,
+                 num_needles=args.needles, num_asked=args.asked)
+    print(f"wrote {out / 'needle.json'} and {out / 'needle.png'}")
+
+
+def _convert(args):
+    import jax.numpy as jnp
+
+    from model_zoo.hf import convert_checkpoint
+
+    config = convert_checkpoint(args.hf_dir, args.out_dir, dtype=getattr(jnp, args.dtype))
+    print(f"wrote {args.out_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"rope_theta {config.rope_theta:g}, {config.max_position_embeddings} positions")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Training checkpoints with orbax: atomic saves, the last N kept, a damaged latest one skipped.
+
+Each checkpoint holds the train state (parameters, optimizer state, step, PRNG key) and a JSON
+record (stage, data seed, config, and a fingerprint of the state's bytes). Orbax writes to a
+temporary folder and renames it when complete, so a save cut short is never listed; the
+fingerprint catches a finished checkpoint whose files were damaged afterwards.
+"""
+
+import hashlib
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def fingerprint(state) -> str:
+    """sha256 over every leaf's bytes, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    def __init__(self, directory, keep: int = 3):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, record: dict):
+        record = dict(record, fingerprint=fingerprint(state))
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
+        )
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, template):
+        """(step, state, record) of the newest readable checkpoint, or None when there is none.
+
+        `template` is a state of the right structure, shapes and shardings. A checkpoint that does
+        not load, or whose bytes do not match its fingerprint, is reported and the one before it tried.
+        """
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore())
+                )
+                state, record = restored["state"], restored["record"]
+                if record.get("fingerprint") != fingerprint(state):
+                    raise CheckpointError("its contents do not match the fingerprint saved with it")
+            except Exception as error:  # any failure to read means this checkpoint cannot be trusted
+                print(f"checkpoint at step {step} in {self.directory} is damaged ({_brief(error)}); "
+                      "trying the one before it", file=sys.stderr)
+                continue
+            return step, state, record
+        if steps:
+            raise CheckpointError(f"no readable checkpoint among steps {steps} in {self.directory}")
+        return None
+
+    def close(self):
+        self._manager.close()
+
+
+def _brief(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def save_model(directory, config, params):
+    """Writes a model folder: model.json (config and parameter dtype) and an orbax checkpoint in params/."""
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params, force=True)
+    dtype = str(jax.tree.leaves(params)[0].dtype)
+    (directory / "model.json").write_text(json.dumps({"config": config.to_dict(), "dtype": dtype}, indent=2) + "\n")
+
+
+def load_model(path, shardings=None):
+    """(config, params) from a model folder (`save_model`, `python -m model_zoo convert`) or from a
+    training workdir (the parameters of its newest readable checkpoint).
+
+    `shardings`: None to place on the default device, or a function config -> params shardings.
+    """
+    from model_zoo.config import LWMConfig
+    from model_zoo.model import init_params
+
+    path = pathlib.Path(path).absolute()
+    if (path / "model.json").is_file():
+        saved = json.loads((path / "model.json").read_text())
+        config = LWMConfig.from_dict(saved["config"])
+        target = _abstract_params(config, init_params, shardings, saved["dtype"])
+        with ocp.StandardCheckpointer() as checkpointer:
+            return config, checkpointer.restore(path / "params", target)
+    if (path / "checkpoints").is_dir():
+        return _load_from_training(path / "checkpoints", init_params, shardings)
+    raise FileNotFoundError(
+        f"{str(path)!r} is neither a model folder (model.json + params/) nor a training workdir (checkpoints/)"
+    )
+
+
+def _abstract_params(config, init_params, shardings, dtype="float32"):
+    shapes = jax.eval_shape(lambda key: init_params(config, key, dtype=dtype), jax.random.key(0))
+    placed = shardings(config) if shardings else jax.tree.map(lambda _: _default_sharding(), shapes)
+    return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes, placed)
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _load_from_training(directory, init_params, shardings):
+    from model_zoo.config import LWMConfig
+
+    manager = ocp.CheckpointManager(directory)
+    try:
+        for step in reversed(sorted(manager.all_steps())):
+            try:
+                record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+                config = LWMConfig.from_dict(record["model"])
+                target = {"params": _abstract_params(config, init_params, shardings)}
+                state = manager.restore(
+                    step, args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                            partial_restore=True,
+                        )
+                    )
+                )["state"]
+                return config, state["params"]
+            except Exception as error:  # a damaged checkpoint: fall back to the one before
+                print(f"checkpoint at step {step} in {directory} is damaged ({_brief(error)}); "
+                      "trying the one before it", file=sys.stderr)
+    finally:
+        manager.close()
+    raise CheckpointError(f"no readable checkpoint in {directory}")

@@ -1,0 +1,107 @@
+"""Training batches: documents packed into fixed rows with segment ids, restarted positions and a loss mask.
+
+A batch is a pure function of (seed, step, shape): a resumed run sees exactly the batches it would have.
+The mix: slices of the embedded corpus (every token trained on) and needle-retrieval examples (a
+number hidden in corpus text, asked for at the end; only the answer is trained on).
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from model_zoo.corpus import CITIES, NEEDLE, QUESTION, chat_prompt, corpus_documents
+from model_zoo.tokenizer import Tokenizer, default_tokenizer
+
+MIN_DOCUMENT = 16  # shorter leftovers at a row's end are padding
+MIN_NEEDLE = 96  # room for the template, a needle, the question and the answer
+ANSWER_ROOM = 12  # " " + 7 digits + eos, with margin
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleExample:
+    prompt: list[int]  # bos, the chat template around haystack + needles + question
+    answer: list[int]  # the asked numbers, then eos
+    numbers: tuple[str, ...]  # the asked numbers, for scoring
+
+
+@functools.cache
+def corpus_tokens(tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """The whole corpus as one token stream (documents separated by newlines)."""
+    tokenizer = tokenizer or default_tokenizer()
+    return np.asarray(tokenizer.encode("\n".join(corpus_documents())), np.int32)
+
+
+def needle_example(rng, context_len, *, depth=None, num_needles=1, num_asked=1, tokenizer=None, haystack=None):
+    """A retrieval prompt of exactly `context_len` tokens and its answer, as LWM's needle test builds it.
+
+    `num_needles` needles `The special magic {city} number is: {7 digits}.` go into corpus text at
+    `depth` (a fraction of the haystack; None: random, each needle its own), then the question asks
+    for `num_asked` of them.
+    """
+    tokenizer = tokenizer or default_tokenizer()
+    haystack = corpus_tokens(tokenizer) if haystack is None else haystack
+    cities = rng.choice(len(CITIES), size=num_needles, replace=False)
+    numbers = [str(n) for n in rng.integers(1_000_000, 10_000_000, size=num_needles)]
+    needles = [tokenizer.encode(" " + NEEDLE.format(city=CITIES[c], number=n) + " ") for c, n in zip(cities, numbers)]
+    asked = sorted(rng.choice(num_needles, size=num_asked, replace=False))
+    question = " " + " ".join(QUESTION.format(city=CITIES[cities[i]]) for i in asked)
+    before, after = chat_prompt("\x00").split("\x00")
+    frame = [tokenizer.bos_id] + tokenizer.encode(before), tokenizer.encode(question + after)
+    filler = context_len - len(frame[0]) - len(frame[1]) - sum(map(len, needles))
+    if filler < 1:
+        raise ValueError(f"context_len={context_len} is too short for {num_needles} needle(s) and the question")
+    start = int(rng.integers(0, len(haystack) - filler))
+    text = list(haystack[start : start + filler])
+    depths = [depth] * num_needles if depth is not None else sorted(rng.random(num_needles))
+    for needle, d in sorted(zip(needles, depths), key=lambda nd: -nd[1]):  # deepest first keeps indices valid
+        cut = int(round(d * len(text)))
+        text[cut:cut] = needle
+    answer = tokenizer.encode(" " + ", ".join(numbers[i] for i in asked)) + [tokenizer.eos_id]
+    return NeedleExample(frame[0] + text + frame[1], answer, tuple(numbers[i] for i in asked))
+
+
+def _text_document(rng, haystack, length, tokenizer):
+    start = int(rng.integers(0, len(haystack) - length))
+    ids = [tokenizer.bos_id] + list(haystack[start : start + length - 1])
+    return ids, [1] * length
+
+
+def _needle_document(rng, length, tokenizer, haystack):
+    """At most `length` tokens: the prompt leaves room for the longest answer (one number and eos)."""
+    example = needle_example(rng, length - ANSWER_ROOM, tokenizer=tokenizer, haystack=haystack)
+    return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
+
+
+def packed_batch(seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, tokenizer=None):
+    """The batch for `step`: int32 arrays [batch_size, seq_len] of inputs, targets, segment_ids,
+    positions and float32 loss_mask. Segment 0 is padding (masked out); documents are 1, 2, ...
+    """
+    tokenizer = tokenizer or default_tokenizer()
+    haystack = corpus_tokens(tokenizer)
+    rng = np.random.default_rng([seed, step, seq_len])
+    fields = ("inputs", "targets", "segment_ids", "positions")
+    batch = {name: np.zeros((batch_size, seq_len), np.int32) for name in fields}
+    batch["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
+    for row in range(batch_size):
+        # A row holds one kind of document, so per-row loss normalisation weighs retrieval
+        # (a few answer tokens per document) as much as language modelling.
+        needles = rng.random() < needle_fraction and seq_len >= MIN_NEEDLE
+        used, segment = 0, 0
+        while seq_len - used >= (MIN_NEEDLE if needles else MIN_DOCUMENT):
+            room = seq_len - used
+            length = min(room, int(rng.integers(MIN_NEEDLE if needles else MIN_DOCUMENT, seq_len + 1)))
+            if needles:
+                ids, mask = _needle_document(rng, length + 1, tokenizer, haystack)
+            else:
+                ids, mask = _text_document(rng, haystack, length + 1, tokenizer)
+            n = len(ids) - 1  # next-token pairs
+            segment += 1
+            cols = slice(used, used + n)
+            batch["inputs"][row, cols] = ids[:-1]
+            batch["targets"][row, cols] = ids[1:]
+            batch["loss_mask"][row, cols] = mask[1:]
+            batch["segment_ids"][row, cols] = segment
+            batch["positions"][row, cols] = np.arange(n)
+            used += n
+    return batch

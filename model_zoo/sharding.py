@@ -1,0 +1,91 @@
+"""The model mesh ("dp", "fsdp", "tp", "sp") and where each parameter and activation lives on it."""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("dp", "fsdp", "tp", "sp")
+BATCH = ("dp", "fsdp")  # batch rows are split over both data axes
+
+# Per parameter (by name), the mesh axis of each dimension; layer-stacked ones lead with None.
+_PARAM_AXES = {
+    "embed": ("tp", "fsdp"),
+    "vision_embed": ("tp", "fsdp"),
+    "lm_head": ("fsdp", "tp"),
+    "vision_head": ("fsdp", "tp"),
+    "final_norm": (None,),
+    "attn_norm": (None, None),
+    "mlp_norm": (None, None),
+    "wq": (None, "fsdp", "tp"),
+    "wk": (None, "fsdp", "tp"),
+    "wv": (None, "fsdp", "tp"),
+    "wo": (None, "tp", "fsdp"),
+    "w_gate": (None, "fsdp", "tp"),
+    "w_up": (None, "fsdp", "tp"),
+    "w_down": (None, "tp", "fsdp"),
+}
+
+
+def make_mesh(dp=1, fsdp=1, tp=1, sp=-1, devices=None) -> Mesh:
+    """A mesh with the model's four axes; one size may be -1 (the devices left over)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
+            raise ValueError(f"mesh axis {name} must be a positive int or -1, got {size!r}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {free}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if devices.size % known:
+            raise ValueError(f"{devices.size} devices cannot be split as {sizes}")
+        sizes[free[0]] = devices.size // known
+    if math.prod(sizes.values()) != devices.size:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, {devices.size} are given")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def model_mesh(config, batch, length):
+    """The mesh the model runs in (from `jax.set_mesh`), validated for these shapes; None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    if tuple(mesh.axis_names) != MESH_AXES:
+        raise ValueError(f"the model runs in a mesh with axes {MESH_AXES}, got {tuple(mesh.axis_names)}")
+    shape = dict(mesh.shape)
+    rows = shape["dp"] * shape["fsdp"]
+    if batch % rows:
+        raise ValueError(f"batch size {batch} must be divisible by dp*fsdp={rows}")
+    if length % shape["sp"]:
+        raise ValueError(f"sequence length {length} must be divisible by the sp axis size {shape['sp']}")
+    if config.ring_layout == "zigzag" and length % (2 * shape["sp"]):
+        raise ValueError(f"zigzag layout: sequence length {length} must be divisible by 2*sp={2 * shape['sp']}")
+    for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        if getattr(config, name) % shape["tp"]:
+            raise ValueError(f"{name}={getattr(config, name)} must be divisible by the tp axis size {shape['tp']}")
+    return mesh
+
+
+def param_specs(params, mesh: Mesh):
+    """A PartitionSpec per parameter; a dimension the axis does not divide stays whole."""
+
+    def spec(path, leaf):
+        name = path[-1].key
+        axes = _PARAM_AXES[name]
+        return P(*(a if a is not None and leaf.shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Where a [B, L] batch array lives: rows over dp/fsdp, the sequence over sp."""
+    return NamedSharding(mesh, P(BATCH, "sp"))

@@ -1,0 +1,261 @@
+"""Training: AdamW with warm-up and cosine decay, progressive context stages, resumable checkpoints.
+
+`train(TrainConfig(...), workdir)` runs every stage in turn, each continuing from the last with a
+longer sequence and a larger rotary theta. Running it again in the same workdir resumes from the
+newest readable checkpoint and reproduces the uninterrupted run exactly (the batch for a step is a
+function of the seed and the step).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from model_zoo.checkpoint import Checkpoints
+from model_zoo.config import LWMConfig
+from model_zoo.data import packed_batch
+from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
+from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One context stage: `steps` steps on rows of `seq_len` tokens with rotary `rope_theta`."""
+
+    seq_len: int
+    rope_theta: float
+    steps: int
+
+    def __post_init__(self):
+        for name in ("seq_len", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Stage.{name} must be a positive int, got {value!r}")
+        if not self.rope_theta > 1:
+            raise ValueError(f"Stage.rope_theta must be > 1, got {self.rope_theta!r}")
+
+
+# TINY's progressive context: 512 tokens, then 2048 with theta raised, as LWM grows its context.
+TINY_STAGES = (Stage(512, 1e4, 240), Stage(2048, 1e5, 60))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: LWMConfig
+    stages: tuple[Stage, ...] = TINY_STAGES
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    needle_fraction: float = 0.5
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    mesh: tuple = (("sp", -1),)  # mesh axis sizes, see model_zoo.sharding.make_mesh
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages must not be empty")
+        for name in ("batch_size", "save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
+        if not 0 <= self.needle_fraction <= 1:
+            raise ValueError(f"needle_fraction must be in [0, 1], got {self.needle_fraction!r}")
+        longest = max(s.seq_len for s in self.stages)
+        if longest > self.model.max_position_embeddings:
+            raise ValueError(
+                f"a stage has seq_len={longest}, beyond max_position_embeddings={self.model.max_position_embeddings}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, Stage]:
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return index, stage
+        raise ValueError(f"step {step} is past the last stage (total {self.total_steps} steps)")
+
+
+def loss_fn(params, batch, config: LWMConfig):
+    """Cross entropy normalised per row (each row's mean over its loss-masked tokens), averaged over
+    rows that have any; with vision tokens, text and vision losses weigh 0.5 each when both appear."""
+    x = hidden_states(
+        params, batch["inputs"], config=config, segment_ids=batch["segment_ids"],
+        positions=batch["positions"], vision_mask=batch.get("vision_inputs"),
+    )
+    mask = batch["loss_mask"]
+    if not config.vision:
+        return _row_normalised(_cross_entropy(text_logits(params, x), batch["targets"]), mask)
+    is_vision = batch["vision_targets"].astype(mask.dtype)
+    text_targets = jnp.where(is_vision > 0, 0, batch["targets"])
+    vision_targets = jnp.where(is_vision > 0, batch["targets"], 0)
+    text = _row_normalised(_cross_entropy(text_logits(params, x), text_targets), mask * (1 - is_vision))
+    vision = _row_normalised(_cross_entropy(vision_logits(params, x), vision_targets), mask * is_vision)
+    has_text, has_vision = jnp.any(mask * (1 - is_vision) > 0), jnp.any(mask * is_vision > 0)
+    both = has_text & has_vision
+    return jnp.where(both, 0.5 * text + 0.5 * vision, jnp.where(has_vision, vision, text))
+
+
+def _cross_entropy(logits, targets):
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _row_normalised(losses, mask):
+    per_row = jnp.sum(losses * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    rows = jnp.sum(jnp.any(mask > 0, axis=1))
+    return jnp.sum(per_row) / jnp.maximum(rows, 1)
+
+
+def make_optimizer(cfg: TrainConfig):
+    warmup = min(cfg.warmup_steps, cfg.total_steps // 2)  # a short run still decays
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), end_value=0.1 * cfg.learning_rate
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def _train_step(tx, model_config):
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, model_config)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+                         step=state["step"] + 1)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def initial_state(cfg: TrainConfig, mesh):
+    key = jax.random.key(cfg.seed)
+    init = functools.partial(init_params, cfg.model)
+    params = jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init, key), mesh))(key)
+    opt_state = jax.jit(make_optimizer(cfg).init)(params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": key}
+
+
+def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the final state. Writes checkpoints/,
+    metrics.jsonl (one JSON object per step) and loss.png there."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(**dict(cfg.mesh))
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    metrics_path = workdir / "metrics.jsonl"
+    with jax.set_mesh(mesh):
+        state = initial_state(cfg, mesh)
+        restored = checkpoints.restore_latest(state)
+        start = 0
+        if restored is not None:
+            start, state, _ = restored
+            print(f"resuming from the checkpoint at step {start} in {checkpoints.directory}")
+        _keep_metrics_before(metrics_path, start)
+        state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress)
+    checkpoints.close()
+    plot_losses(metrics_path, workdir / "loss.png", cfg)
+    return state
+
+
+def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
+    tx = make_optimizer(cfg)
+    steps_by_stage = {}
+    bar = tqdm(total=cfg.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    last_saved = start if start else None
+    with open(metrics_path, "a") as metrics:
+        for step in range(start, cfg.total_steps):
+            index, stage = cfg.stage_at(step)
+            if index not in steps_by_stage:
+                model_config = cfg.model.replace(rope_theta=stage.rope_theta)
+                steps_by_stage[index] = _train_step(tx, model_config)
+                bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
+            host_batch = packed_batch(
+                cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction
+            )
+            tokens = int(np.count_nonzero(host_batch["segment_ids"]))
+            batch = jax.device_put(host_batch, batch_sharding(mesh))
+            began = time.perf_counter()
+            state, out = steps_by_stage[index](state, batch)
+            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            seconds = time.perf_counter() - began
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(
+                    f"step {step} (stage {index + 1}, {stage.seq_len} tokens): loss is {loss} and the gradient "
+                    f"norm {grad_norm}; stopping. Lower learning_rate (now {cfg.learning_rate}) and rerun: it "
+                    f"resumes from the last checkpoint (step {last_saved})."
+                )
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "stage": index, "seq_len": stage.seq_len,
+                      "tokens": tokens, "seconds": seconds}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
+            bar.update()
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.total_steps or done == _stage_end(cfg, index):
+                checkpoints.save(done, state, {"stage": index, "data_seed": cfg.seed, "model": cfg.model.to_dict()})
+                last_saved = done
+    bar.close()
+    return state
+
+
+def _stage_end(cfg, index):
+    return sum(s.steps for s in cfg.stages[: index + 1])
+
+
+def _keep_metrics_before(path: pathlib.Path, step: int):
+    """Drops metric lines from steps at or after `step` (they are about to be rerun) and any torn line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", step) < step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path, png_path, cfg: TrainConfig):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    end = 0
+    for stage in cfg.stages[:-1]:
+        end += stage.steps
+        ax.axvline(end, color="gray", ls="--", lw=0.8)
+    ax.set(xlabel="step", ylabel="loss (per-row normalised cross entropy)", title="training loss; dashed: context stage change")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
