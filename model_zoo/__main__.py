@@ -221,7 +221,7 @@ def _eval_needle(args):
     if any(not 0 <= d <= 1 for d in args.depths):
         raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
     mesh, config, params = _load(args.workdir, args.mesh)
-    if max(args.lengths) + 12 * args.asked > config.max_position_embeddings:
+    if max(args.lengths) > config.max_position_embeddings:
         raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions")
 
     def report(length, depth, score, sample):

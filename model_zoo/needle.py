@@ -15,14 +15,17 @@ ANSWER_TOKENS = 12  # room for " " + 7 digits and eos per asked number
 
 def evaluate_needles(params, config, *, lengths, depths, trials=4, num_needles=1, num_asked=1, seed=0,
                      tokenizer=None, on_cell=None):
-    """Accuracy [len(lengths), len(depths)]: the fraction of asked numbers found in the answers."""
+    """Accuracy [len(lengths), len(depths)]: the fraction of asked numbers found in the answers.
+
+    A context length counts the prompt and the room for the answer, as training rows do.
+    """
     tokenizer = tokenizer or default_tokenizer()
     scores = np.zeros((len(lengths), len(depths)))
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             rng = np.random.default_rng([seed, length, int(depth * 1000)])
             examples = [
-                needle_example(rng, length, depth=depth, num_needles=num_needles, num_asked=num_asked,
+                needle_example(rng, length - ANSWER_TOKENS * num_asked, depth=depth, num_needles=num_needles, num_asked=num_asked,
                                tokenizer=tokenizer)
                 for _ in range(trials)
             ]

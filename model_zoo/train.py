@@ -48,7 +48,7 @@ class Stage:
 
 
 # TINY's progressive context: 512 tokens, then 2048 with theta raised, as LWM grows its context.
-TINY_STAGES = (Stage(512, 1e4, 240), Stage(2048, 1e5, 60))
+TINY_STAGES = (Stage(512, 1e4, 250), Stage(2048, 1e5, 50))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +96,13 @@ class TrainConfig:
         raise ValueError(f"step {step} is past the last stage (total {self.total_steps} steps)")
 
 
-def loss_fn(params, batch, config: LWMConfig):
+def loss_fn(params, batch, config: LWMConfig, attention=None):
     """Cross entropy normalised per row (each row's mean over its loss-masked tokens), averaged over
-    rows that have any; with vision tokens, text and vision losses weigh 0.5 each when both appear."""
+    rows that have any; with vision tokens, text and vision losses weigh 0.5 each when both appear.
+    `attention` replaces ring attention, as in `hidden_states`."""
     x = hidden_states(
         params, batch["inputs"], config=config, segment_ids=batch["segment_ids"],
-        positions=batch["positions"], vision_mask=batch.get("vision_inputs"),
+        positions=batch["positions"], vision_mask=batch.get("vision_inputs"), attention=attention,
     )
     mask = batch["loss_mask"]
     if not config.vision:

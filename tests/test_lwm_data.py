@@ -1,0 +1,110 @@
+"""Tokenizer, masked sequence packing, needle examples and the per-row normalised loss."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_zoo.corpus import CITIES, corpus_documents
+from model_zoo.data import needle_example, packed_batch
+from model_zoo.tokenizer import Tokenizer, default_tokenizer
+from model_zoo.train import _row_normalised, loss_fn
+
+
+def test_tokenizer_round_trips_the_corpus_and_other_text():
+    tokenizer = default_tokenizer()
+    assert tokenizer.vocab_size == 1024
+    for text in corpus_documents() + ["  two  spaces\n\ttab, ünïcödé ≠ ascii 🙂, digits 0123456789"]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    # Digits are single tokens, so a number is copied digit by digit.
+    assert len(tokenizer.encode(" 1234567")) == 8
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer("/nonexistent/tokenizer.model")
+
+
+def test_packing_rows():
+    batch = packed_batch(7, 3, batch_size=6, seq_len=256)
+    assert {k: v.shape for k, v in batch.items()} == {k: (6, 256) for k in batch}
+    for row in range(6):
+        seg, pos, mask = batch["segment_ids"][row], batch["positions"][row], batch["loss_mask"][row]
+        assert np.all(np.diff(seg[seg > 0]) >= 0) and seg[0] == 1  # documents in order from the start
+        assert np.all(mask[seg == 0] == 0) and np.all(batch["inputs"][row][seg == 0] == 0)  # padding
+        for s in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s)
+            assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))
+            assert np.array_equal(pos[idx], np.arange(len(idx)))  # positions restart per document
+            # Targets are the next inputs within a document.
+            assert np.array_equal(batch["targets"][row, idx[:-1]], batch["inputs"][row, idx[1:]])
+
+
+def test_needle_rows_train_only_on_the_answer():
+    tokenizer = default_tokenizer()
+    batch = packed_batch(1, 0, batch_size=8, seq_len=512, needle_fraction=1.0)
+    for row in range(8):
+        seg, mask = batch["segment_ids"][row], batch["loss_mask"][row]
+        for s in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s)
+            answer = tokenizer.decode(batch["targets"][row, idx][mask[idx] > 0])
+            prompt = tokenizer.decode(batch["inputs"][row, idx][: int(np.argmax(mask[idx]))])
+            number = answer.strip()
+            assert len(number) == 7 and number.isdigit(), answer
+            assert f"number is: {number}." in prompt and prompt.endswith("ASSISTANT:")
+            assert mask[idx][-1] == 1 and mask[idx].sum() == 8  # 7 digits and the end of sequence
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a, b = packed_batch(0, 5, batch_size=2, seq_len=128), packed_batch(0, 5, batch_size=2, seq_len=128)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = packed_batch(0, 6, batch_size=2, seq_len=128)
+    assert not np.array_equal(a["inputs"], c["inputs"])
+
+
+def test_needle_example_depth_and_multi_needle():
+    tokenizer = default_tokenizer()
+    rng = np.random.default_rng(3)
+    for depth in (0.0, 0.5, 1.0):
+        example = needle_example(rng, 400, depth=depth)
+        assert len(example.prompt) == 400
+        text = tokenizer.decode(example.prompt)
+        number = example.numbers[0]
+        at = text.index(f"number is: {number}.") / len(text)
+        assert abs(at - depth) < 0.2, (depth, at)
+    example = needle_example(rng, 600, num_needles=4, num_asked=2)
+    text = tokenizer.decode(example.prompt)
+    assert text.count("The special magic") == 4 and text.count("What is the special magic") == 2
+    assert all(f"{n}." in text for n in example.numbers) and len(example.numbers) == 2
+    assert sum(city in text for city in CITIES) >= 4
+    with pytest.raises(ValueError, match="context_len=30 is too short"):
+        needle_example(rng, 30)
+
+
+def test_loss_is_normalised_per_row():
+    rng = np.random.default_rng(0)
+    losses = rng.random((3, 8)).astype(np.float32)
+    mask = np.zeros((3, 8), np.float32)
+    mask[0, :2] = 1
+    mask[1, :] = 1  # row 2 has no loss tokens and does not count
+    want = (losses[0, :2].mean() + losses[1].mean()) / 2
+    np.testing.assert_allclose(_row_normalised(jnp.asarray(losses), jnp.asarray(mask)), want, rtol=1e-6)
+
+
+def test_text_and_vision_losses_weigh_half_each():
+    """The loss with both kinds of target is the mean of the text-only and vision-only losses."""
+    import jax
+
+    from model_zoo import TINY, init_params
+
+    config = TINY.replace(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                          num_kv_heads=2, vision=True)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    vision_targets = np.zeros((2, 16), bool)
+    vision_targets[1] = True  # row 0 text, row 1 vision
+    batch = {"inputs": rng.integers(0, 64, (2, 16)).astype(np.int32),
+             "targets": rng.integers(0, 64, (2, 16)).astype(np.int32),
+             "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+             "loss_mask": np.ones((2, 16), np.float32), "vision_inputs": vision_targets.copy(),
+             "vision_targets": vision_targets}
+    only = lambda row, value: dict(batch, loss_mask=np.where(np.arange(2)[:, None] == row, 1.0, 0.0).astype(np.float32))
+    text, vision = loss_fn(params, only(0, 1), config), loss_fn(params, only(1, 1), config)
+    np.testing.assert_allclose(loss_fn(params, batch, config), 0.5 * text + 0.5 * vision, rtol=1e-6)
+    assert not np.isclose(text, vision)

@@ -1,0 +1,101 @@
+"""Training reliability: a SIGKILLed run resumes to the same losses bit for bit, a damaged checkpoint
+is reported and skipped, a NaN loss stops the run with its step, bad settings are named."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from model_zoo import TINY
+from model_zoo.__main__ import main
+from model_zoo.train import Stage, TrainConfig, TrainingError, read_metrics, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def train_command(workdir):
+    return [sys.executable, "-m", "model_zoo", "--cpu-devices", "4", "train", "--workdir", str(workdir),
+            "--stages", "32:1e4:4,64:1e5:6", "--save-every", "2", "--batch-size", "2", "--mesh", "sp=4",
+            "--no-progress"]
+
+
+def run(command):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def damage(checkpoint: pathlib.Path):
+    """Overwrites the middle of the checkpoint's largest file, as a failing disk would."""
+    largest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes((b + 1) % 256 for b in data[middle : middle + 64])
+    largest.write_bytes(bytes(data))
+
+
+def test_sigkill_and_damaged_checkpoint_resume_to_identical_losses(tmp_path):
+    whole = run(train_command(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [r["step"] for r in expected] == list(range(10))
+
+    workdir = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    process = subprocess.Popen(train_command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 10, steps
+    damage(workdir / "checkpoints" / str(steps[-1]))
+
+    resumed = run(train_command(workdir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint at step {steps[-1]}" in resumed.stderr and "damaged" in resumed.stderr
+    assert "resuming from the checkpoint at step" in resumed.stdout
+    got = read_metrics(metrics)
+    assert [r["step"] for r in got] == list(range(10))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # to the bit: JSON floats round-trip
+    assert (workdir / "loss.png").stat().st_size > 0
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
+    import model_zoo.train as training
+
+    real_init = training.init_params
+    monkeypatch.setattr(training, "init_params",
+                        lambda config, key: jax.tree.map(lambda p: p * float("nan"), real_init(config, key)))
+    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("sp", 2), ("dp", 4)))
+    with pytest.raises(TrainingError, match=r"step 0 \(stage 1, 32 tokens\): loss is nan"):
+        train(cfg, tmp_path, progress=False)
+
+
+def test_bad_settings_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--workdir", str(tmp_path), "--steps", "0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--workdir", str(tmp_path), "--stages", "512:1e4"])
+    assert "a stage is SEQ_LEN:ROPE_THETA:STEPS, got '512:1e4'" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "a"), "--preset", "huge"]) == 1
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=3"]) == 1
+    assert "needs 3 devices, 8 are given" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
+    assert "learning_rate must be in (0, 1), got 5.0" in capsys.readouterr().err
+    # A workdir keeps one run's settings: resuming with others would mix two runs.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "run.json").write_text(json.dumps({"seed": 1}))
+    assert main(["train", "--workdir", str(tmp_path / "d")]) == 1
+    assert "holds a run with different settings" in capsys.readouterr().err
