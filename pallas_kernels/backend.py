@@ -4,7 +4,9 @@ from typing import Literal
 
 import jax
 
-from pallas_kernels import attention_tpu, attention_triton, attention_xla, feedforward_xla
+from pallas_kernels import (
+    attention_tpu, attention_triton, attention_xla, feedforward_tpu, feedforward_triton, feedforward_xla,
+)
 
 Impl = Literal["auto", "pallas", "pallas_triton", "pallas_tpu", "xla"]
 IMPLS = ("auto", "pallas", "pallas_triton", "pallas_tpu", "xla")
@@ -71,13 +73,38 @@ def _tpu_interpret(impl):
 
 
 def feedforward(x, w_gate, w_up, w_down, *, impl, chunk_size):
-    """SwiGLU a chunk at a time. Only the jnp implementation exists in this version: "auto"
-    runs it on every backend, and an explicit Pallas request says so instead of running it."""
-    match impl:
-        case "auto" | "xla":
-            return feedforward_xla.feedforward(x, w_gate, w_up, w_down, chunk_size=chunk_size)
-        case "pallas" | "pallas_triton" | "pallas_tpu":
-            raise NotImplementedError(
-                f"{impl=}: this version has no Pallas feedforward kernel; use impl='xla' (or 'auto', which picks it)"
+    """SwiGLU of x [B, L, D] a chunk of tokens at a time; `impl` is a user-facing `Impl` or an
+    already resolved kernel name.
+
+    "xla", and "auto" on every backend: the jnp chunks under `jax.checkpoint` (XLA's own matmuls;
+    the fused kernels have not yet been timed against them on a GPU or TPU). "pallas",
+    "pallas_triton", "pallas_tpu" (resolved as `resolve_impl` does; "triton", "tpu" and their
+    "_interpret" forms directly): the fused Pallas kernels over the B * L tokens flattened, with
+    `chunk_size` as the token tile, rounded to what the kernel family accepts.
+    """
+    if impl in (XLA, TRITON, TRITON_INTERPRET, TPU, TPU_INTERPRET):
+        kernel = impl
+    else:
+        kernel = resolve_impl("xla" if impl == "auto" else impl)
+    if kernel == XLA:
+        return feedforward_xla.feedforward(x, w_gate, w_up, w_down, chunk_size=chunk_size)
+    if kernel == TRITON_INTERPRET and any(jax.typeof(a).manual_axis_type.varying for a in (x, w_gate, w_up, w_down)):
+        raise NotImplementedError(
+            "the Pallas GPU feedforward runs in interpret mode on this backend, which JAX cannot run inside "
+            "jax.shard_map with check_vma=True: pass check_vma=False to jax.shard_map, or use impl='xla' "
+            "or impl='pallas_tpu'"
+        )
+    B, L, D = x.shape
+    tokens = x.reshape(B * L, D)
+    match kernel:
+        case "triton" | "triton_interpret":
+            y = feedforward_triton.feedforward(
+                tokens, w_gate, w_up, w_down, block_m=chunk_size, interpret=kernel == TRITON_INTERPRET
             )
-    raise ValueError(f"unknown {impl=}; expected one of {IMPLS}")
+        case "tpu" | "tpu_interpret":
+            y = feedforward_tpu.feedforward(
+                tokens, w_gate, w_up, w_down, block_m=chunk_size, interpret=_tpu_interpret(kernel)
+            )
+        case _:
+            raise ValueError(f"unknown resolved {kernel=}")
+    return y.reshape(B, L, D)

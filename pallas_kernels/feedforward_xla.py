@@ -9,6 +9,16 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def cotangent_like(ct, primal):
+    """A kernel's float32 gradient `ct` as the cotangent of `primal`: summed over the manual mesh
+    axes it varies over and `primal` does not (the transpose of the implicit broadcast inside
+    `shard_map`, which a `custom_vjp` must spell out), then cast to `primal`'s dtype."""
+    extra = jax.typeof(ct).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
+    if extra:
+        ct = lax.psum(ct, tuple(sorted(extra)))
+    return ct.astype(primal.dtype)
+
+
 def feedforward(x, w_gate, w_up, w_down, *, chunk_size):
     """x: [B, L, D], w_gate/w_up: [D, F], w_down: [F, D] -> [B, L, D] in x's dtype."""
     B, L, D = x.shape

@@ -14,10 +14,16 @@ def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = N
     Args:
       x: [B, L, D]; w_gate, w_up: [D, F]; w_down: [F, D].
       chunk_size: tokens per chunk, dividing L; None: the largest divisor of L up to 512.
-      impl: "auto" or "xla": the jnp chunks (every backend in this version); a Pallas impl raises
-        NotImplementedError until the fused feedforward kernel ships.
+      impl: "auto" or "xla": jnp chunks under `jax.checkpoint`, each a [B, chunk, F] hidden
+        slice ("auto" picks them on every backend, decided at call time: the fused kernels are
+        not yet timed on hardware). "pallas" (this backend's family; on CPU the Triton kernels
+        interpreted), "pallas_triton", "pallas_tpu": fused Pallas kernels over the B * L tokens,
+        forward and backward, that keep only [token tile, hidden tile] pieces of the hidden
+        activation on chip and never write it to HBM; `chunk_size` is their token tile, rounded
+        up to what the family accepts (Triton: a power of two in [16, 64]; TPU: a multiple of 16
+        up to 256). Interpreted (off their own backend) they are slow, and meant for tests.
     Returns:
-      [B, L, D] in x's dtype.
+      [B, L, D] in x's dtype; gradients in each input's dtype, accumulated in float32.
     """
     for name, a, rank in (("x", x, 3), ("w_gate", w_gate, 2), ("w_up", w_up, 2), ("w_down", w_down, 2)):
         if getattr(a, "ndim", None) != rank:
