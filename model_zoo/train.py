@@ -142,7 +142,8 @@ def _train_step(tx, model_config):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
                          step=state["step"] + 1)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -161,6 +162,9 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(**dict(cfg.mesh))
+    rows = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if cfg.batch_size % rows:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by dp*fsdp={rows} of the mesh {dict(mesh.shape)}")
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     with jax.set_mesh(mesh):

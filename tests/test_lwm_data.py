@@ -44,11 +44,11 @@ def test_needle_rows_train_only_on_the_answer():
         for s in np.unique(seg[seg > 0]):
             idx = np.flatnonzero(seg == s)
             answer = tokenizer.decode(batch["targets"][row, idx][mask[idx] > 0])
-            prompt = tokenizer.decode(batch["inputs"][row, idx][: int(np.argmax(mask[idx]))])
+            prompt = tokenizer.decode(batch["inputs"][row, idx][: int(np.argmax(mask[idx])) + 1])
             number = answer.strip()
             assert len(number) == 7 and number.isdigit(), answer
             assert f"number is: {number}." in prompt and prompt.endswith("ASSISTANT:")
-            assert mask[idx][-1] == 1 and mask[idx].sum() == 8  # 7 digits and the end of sequence
+            assert mask[idx][-1] == 1 and mask[idx].sum() == 9  # a space, 7 digits, the end of sequence
 
 
 def test_batches_are_a_function_of_seed_and_step():

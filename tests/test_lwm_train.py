@@ -76,7 +76,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     real_init = training.init_params
     monkeypatch.setattr(training, "init_params",
                         lambda config, key: jax.tree.map(lambda p: p * float("nan"), real_init(config, key)))
-    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("sp", 2), ("dp", 4)))
+    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("dp", 2), ("sp", 4)))
     with pytest.raises(TrainingError, match=r"step 0 \(stage 1, 32 tokens\): loss is nan"):
         train(cfg, tmp_path, progress=False)
 
@@ -92,6 +92,8 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "unknown preset 'huge'" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=3"]) == 1
     assert "needs 3 devices, 8 are given" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "e"), "--batch-size", "3", "--mesh", "dp=2,sp=4"]) == 1
+    assert "batch_size=3 must be divisible by dp*fsdp=2" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
     assert "learning_rate must be in (0, 1), got 5.0" in capsys.readouterr().err
     # A workdir keeps one run's settings: resuming with others would mix two runs.
