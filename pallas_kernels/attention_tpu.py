@@ -16,6 +16,9 @@ Grids (the streamed axis innermost, "arbitrary"; the others "parallel"):
 - forward and dq: (B, N, q blocks, kv blocks);
 - dk/dv: (B, K, kv blocks, G = N // K, q blocks): the sum over the query heads of a group happens
   inside the kernel, in the float32 accumulators, so no per-query-head dk/dv is materialised.
+
+`attention_fwd_ring_step` is the forward with the ring's transfer inside it: an in-kernel remote
+DMA passes the k/v shard in hand to the next device while the kernel computes on it.
 """
 
 import dataclasses
@@ -35,6 +38,9 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_LANES = 128
 # A running max above this has seen a real score, not only MASK_VALUE.
 _SEEN_THRESHOLD = 0.5 * MASK_VALUE
+# Barrier semaphore of the ring-step kernel. Every call of it synchronises the same way (each
+# device with its two neighbours on one mesh axis), which is when kernels may share one id.
+RING_COLLECTIVE_ID = 7
 # dot_general dimension numbers: a @ b and a @ b.T.
 _NN_DIMS = (((1,), (0,)), ((), ()))
 _NT_DIMS = (((1,), (1,)), ((), ()))
@@ -95,13 +101,62 @@ def attention_bwd(
     return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
 
 
+def attention_fwd_ring_step(
+    q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
+    causal=False, scale, block_q, block_kv, interpret=None,
+):
+    """`attention_fwd` on the k/v shard in hand, which the same kernel passes on round the ring.
+
+    Called inside `jax.shard_map` over `axis_name`, by every device of the ring at once. At its
+    first grid step the kernel meets its neighbours (barrier semaphore: the next device is inside
+    its own call, so its receive buffers exist) and starts remote DMAs of k, v and kv_segment_ids
+    from HBM to the next device's receive buffers (outputs of the same call there: a second buffer,
+    so nothing being read is overwritten); the attention tiles are computed while the copies fly,
+    and the last grid step waits for the outgoing and the incoming copies. The grid therefore runs
+    in order on one core (every dimension "arbitrary").
+
+    Returns `((out, lse), (k_next, v_next, kv_segment_ids_next))`: the partial attention exactly as
+    `attention_fwd` returns it, and the shard of the previous device on the ring (ids None when
+    not given).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, None, block_q, block_kv, interpret)
+    Hp = _padded_head_dim(H)
+    ring_size, rank = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    # In SMEM, not lax.axis_index in the kernel: interpret mode cannot run that under check_vma=True.
+    neighbours = jnp.stack([(rank + ring_size - 1) % ring_size, (rank + 1) % ring_size]).astype(jnp.int32)
+    prefetch = (*_scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids), neighbours)
+    q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
+    operands, vma = _unify_vma(
+        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids, k, v, kv_ids
+    )
+    build = functools.partial(_build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)
+    out, lse, k_next, v_next, kv_ids_next = build(ring=_RingPass(axis_name, k.shape, k.dtype))(*operands)
+    kv_next = (k_next, v_next, None if kv_ids_next is None else kv_ids_next[:, 0, :])
+    return (_heads_split(out, N, H), lse[..., 0]), kv_next
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingPass:
+    """What `_build_fwd` needs to pass the k/v shard on: the mesh axis, and the shape
+    ([B, S, K, H]) and dtype of k and v as they travel."""
+
+    axis_name: object
+    kv_shape: tuple
+    kv_dtype: object
+
+
 def _segment_specs(mask, q_ids_index, kv_ids_index):
     if not mask.segments:
         return [None, None]
     return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
 
 
-def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret):
+def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret, ring=None):
+    """The forward `pallas_call`; with `ring` (a `_RingPass`), the ring-step kernel that also
+    sends the whole held shard (extra HBM inputs) into the next device's receive buffers (extra
+    HBM outputs), with one send and one receive DMA semaphore per array."""
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
     q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
@@ -114,23 +169,37 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret):
         # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
         jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32, manual_axis_type=vma),
     ]
+    scratch_shapes = [
+        pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+        pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+        pltpu.VMEM((bq, Hp), jnp.float32),
+    ]
+    kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale)
+    params = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    if ring is not None:
+        whole = pl.BlockSpec(memory_space=pl.ANY)
+        ids = whole if mask.segments else None
+        in_specs += [whole, whole, ids]
+        out_specs += [whole, whole, ids]
+        kv_next = jax.ShapeDtypeStruct(ring.kv_shape, ring.kv_dtype, manual_axis_type=vma)
+        ids_next = jax.ShapeDtypeStruct((B, 1, ring.kv_shape[1]), jnp.int32, manual_axis_type=vma)
+        out_shape += [kv_next, kv_next, ids_next if mask.segments else None]
+        scratch_shapes += [pltpu.SemaphoreType.DMA((3,)), pltpu.SemaphoreType.DMA((3,))]
+        kernel = functools.partial(_fwd_ring_step_kernel, mask=mask, scale=scale, axis_name=ring.axis_name)
+        params = dict(dimension_semantics=("arbitrary",) * 4, collective_id=RING_COLLECTIVE_ID)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, mask=mask, scale=scale),
+        kernel,
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=3 if ring is None else 4,
             grid=(B, N, mask.num_q_blocks, mask.num_kv_blocks),
             in_specs=in_specs,
             out_specs=out_specs,
-            scratch_shapes=[
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                pltpu.VMEM((bq, Hp), jnp.float32),
-            ],
+            scratch_shapes=scratch_shapes,
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(**params),
         interpret=False if interpret is None else interpret,
-        name="ring_attn_tpu_fwd",
+        name="ring_attn_tpu_fwd" if ring is None else "ring_attn_tpu_fwd_ring_step",
     )
 
 
@@ -469,6 +538,51 @@ def _fwd_kernel(
         inv_l = jnp.where(seen, 1.0 / l_safe, 0.0)
         o_ref[...] = acc_scratch_ref[...] * _lanes(inv_l, Hp)
         lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _fwd_ring_step_kernel(
+    offsets_ref, q_range_ref, kv_range_ref, neighbours_ref,  # scalar prefetch (SMEM)
+    q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs, tiled (VMEM)
+    k_hbm_ref, v_hbm_ref, kv_ids_hbm_ref,  # the held shard, whole (HBM): what is sent
+    o_ref, lse_ref,  # outputs, tiled
+    k_next_ref, v_next_ref, kv_ids_next_ref,  # receive buffers (HBM), written by the previous device
+    m_scratch_ref, l_scratch_ref, acc_scratch_ref, send_sem_ref, recv_sem_ref,
+    *, mask, scale, axis_name,
+):
+    left, right = neighbours_ref[0], neighbours_ref[1]
+    pairs = [(k_hbm_ref, k_next_ref), (v_hbm_ref, v_next_ref)]
+    if mask.segments:
+        pairs.append((kv_ids_hbm_ref, kv_ids_next_ref))
+    copies = [
+        pltpu.make_async_remote_copy(
+            src_ref=src, dst_ref=dst, send_sem=send_sem_ref.at[c], recv_sem=recv_sem_ref.at[c],
+            device_id={axis_name: right}, device_id_type=pl.DeviceIdType.MESH,
+        )
+        for c, (src, dst) in enumerate(pairs)
+    ]
+    grid = range(4)  # (b, n, i, j), run in order
+
+    @pl.when(functools.reduce(jnp.logical_and, [pl.program_id(d) == 0 for d in grid]))
+    def _start():
+        # Tell the previous device that this call's receive buffers exist; wait until the next
+        # device says the same of its own, then send.
+        barrier_sem_ref = pltpu.get_barrier_semaphore()
+        pl.semaphore_signal(barrier_sem_ref, 1, device_id={axis_name: left}, device_id_type=pl.DeviceIdType.MESH)
+        pl.semaphore_wait(barrier_sem_ref, 1)
+        for copy in copies:
+            copy.start()
+
+    _fwd_kernel(
+        offsets_ref, q_range_ref, kv_range_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
+        m_scratch_ref, l_scratch_ref, acc_scratch_ref, mask=mask, scale=scale,
+    )
+
+    @pl.when(functools.reduce(jnp.logical_and, [pl.program_id(d) == pl.num_programs(d) - 1 for d in grid]))
+    def _finish():
+        # The held shard is no longer read, and the next shard has arrived.
+        for copy in copies:
+            copy.wait_send()
+            copy.wait_recv()
 
 
 def _bwd_dq_kernel(

@@ -87,13 +87,10 @@ def ring_attention(
             raise ValueError(f"a sliding window over a ring needs equal local lengths, got {T=} and {S=}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(H)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
+    scale = _checked_scale(scale, H)
     tiled_T, tiled_S = (T // 2, S // 2) if layout == "zigzag" else (T, S)
     spec = RingSpec(
-        axis_name, bool(causal), window, float(scale), layout, impl,
+        axis_name, bool(causal), window, scale, layout, impl,
         *pallas_kernels.fit_block_sizes(block_sizes, tiled_T, tiled_S),
     )
     return ring_attention_shard(q, k, v, q_seg, kv_seg, spec)
@@ -119,6 +116,15 @@ def _check_qkv(q, k, v):
         raise ValueError(f"q and k must have the same head dim, got q {H=} and k H={Hk}")
     if N % K:
         raise ValueError(f"k has {K=} heads, which must divide q's {N=}")
+
+
+def _checked_scale(scale, H):
+    """The score scale as a float: 1 / sqrt(H) for None, else a finite Python number."""
+    if scale is None:
+        return 1.0 / math.sqrt(H)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
+    return float(scale)
 
 
 def _check_ids(name, ids, shape, dims):
