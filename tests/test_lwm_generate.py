@@ -24,11 +24,14 @@ def params():
 
 
 def dense_greedy(params, prompt, steps):
-    """Recomputes the whole sequence densely for every new token."""
-    step = jax.jit(lambda tokens: forward(params, tokens, config=SMALL, attention=dense)[0, -1])
+    """Recomputes the whole sequence densely for every new token (padded to one length: causal
+    attention keeps the padding after the last token out of its logits)."""
+    length = len(prompt) + steps
+    logits = jax.jit(lambda tokens: forward(params, tokens, config=SMALL, attention=dense)[0])
     sequence, out = list(prompt), []
     for _ in range(steps):
-        out.append(int(jnp.argmax(step(jnp.asarray([sequence])))))
+        padded = jnp.asarray([sequence + [0] * (length - len(sequence))])
+        out.append(int(jnp.argmax(logits(padded)[len(sequence) - 1])))
         sequence.append(out[-1])
     return out
 
