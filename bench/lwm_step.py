@@ -54,7 +54,7 @@ def main():
     tokens = int(np.count_nonzero(host["segment_ids"]))
     tx = make_optimizer(cfg)
     variants = {}
-    ring_mesh, one_mesh = make_mesh(sp=8), make_mesh(sp=1, devices=jax.devices()[:1])
+    ring_mesh, one_mesh = make_mesh(sp=8), make_mesh(sp=1)
     for name, mesh, attention in (("ring, 8 devices (sp=8)", ring_mesh, None),
                                   ("blockwise, 1 device", one_mesh, None),
                                   ("dense (reference), 1 device", one_mesh, dense)):

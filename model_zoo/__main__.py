@@ -194,6 +194,11 @@ def _generate(args):
 
     tokenizer = _tokenizer(args.tokenizer)
     mesh, config, params = _load(args.model, args.mesh)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"the tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+            f"has {config.vocab_size}: pass the model's own tokenizer with --tokenizer"
+        )
     text = args.prompt if args.raw else chat_prompt(args.prompt)
     prompt = [tokenizer.bos_id] + tokenizer.encode(text)
     emitted = []

@@ -30,8 +30,9 @@ _PARAM_AXES = {
 
 
 def make_mesh(dp=1, fsdp=1, tp=1, sp=-1, devices=None) -> Mesh:
-    """A mesh with the model's four axes; one size may be -1 (the devices left over)."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
+    """A mesh with the model's four axes over `devices` (default: all). One size may be -1: the
+    devices left over. Sizes whose product is smaller than the device count use the first ones."""
+    devices = np.asarray(jax.devices() if devices is None else devices).ravel()
     sizes = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp}
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
@@ -44,10 +45,11 @@ def make_mesh(dp=1, fsdp=1, tp=1, sp=-1, devices=None) -> Mesh:
         if devices.size % known:
             raise ValueError(f"{devices.size} devices cannot be split as {sizes}")
         sizes[free[0]] = devices.size // known
-    if math.prod(sizes.values()) != devices.size:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, {devices.size} are given")
+    needed = math.prod(sizes.values())
+    if needed > devices.size:
+        raise ValueError(f"mesh {sizes} needs {needed} devices, {devices.size} are available")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(devices[:needed].reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def model_mesh(config, batch, length):

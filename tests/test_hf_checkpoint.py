@@ -133,6 +133,18 @@ def test_convert_then_load_model_round_trip(base, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), loaded, params)
 
 
+def test_convert_command_line(base, tmp_path, capsys):
+    """`python -m model_zoo convert`, then `generate` refuses a tokenizer that is not the model's."""
+    from model_zoo.__main__ import main
+
+    _, path = base
+    assert main(["convert", str(path), str(tmp_path / "model")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_model(tmp_path / "model")[0] == load_hf_checkpoint(path)[0]
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "hi", "--mesh", "sp=1"]) == 1
+    assert "has 1024 tokens but the model's vocabulary has 128" in capsys.readouterr().err
+
+
 def test_tied_embeddings(tmp_path):
     model = hf_model(seed=5, tie_word_embeddings=True)
     save(model, tmp_path)

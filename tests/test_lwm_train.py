@@ -97,8 +97,8 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "a stage is SEQ_LEN:ROPE_THETA:STEPS, got '512:1e4'" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "a"), "--preset", "huge"]) == 1
     assert "unknown preset 'huge'" in capsys.readouterr().err
-    assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=3"]) == 1
-    assert "needs 3 devices, 8 are given" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=16"]) == 1
+    assert "needs 16 devices, 8 are available" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "e"), "--batch-size", "3", "--mesh", "dp=2,sp=4"]) == 1
     assert "batch_size=3 must be divisible by dp*fsdp=2" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
