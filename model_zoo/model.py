@@ -79,6 +79,8 @@ def _ring(q, k, v, segment_ids, config, mesh):
         return attend(q, k, v, segment_ids=segment_ids)
     heads, rows = P(BATCH, "sp", "tp", None), P(BATCH, "sp")
     attend = functools.partial(attend, axis_name="sp", layout=config.ring_layout)
+    if segment_ids is None:  # nothing to pass round the ring with k/v
+        return jax.shard_map(attend, in_specs=(heads, heads, heads), out_specs=heads)(q, k, v)
     return jax.shard_map(
         lambda q, k, v, ids: attend(q, k, v, segment_ids=ids),
         in_specs=(heads, heads, heads, rows),
@@ -146,8 +148,6 @@ def hidden_states(
     mesh = model_mesh(config, B, L)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    if segment_ids is None:
-        segment_ids = jnp.zeros((B, L), jnp.int32)
     inputs = (tokens, segment_ids, positions, vision_mask)
     reorder = mesh is not None and config.ring_layout == "zigzag"
     if reorder:  # zigzag balances causal work; the ring then knows each shard's global positions
