@@ -28,7 +28,6 @@ models need a smaller `block_f` or token tile. Not yet compiled or timed on a TP
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_xla import match_vma
-from pallas_kernels.feedforward_xla import cotangent_like
+from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up, typed_alike
 
 NUM_LANES = 128
 # Token tiles are multiples of this many rows (a bfloat16 (16, 128) tile; float32 needs 8).
@@ -86,9 +84,9 @@ class _Tiles:
                 raise ValueError(f"{name} must have shape {shape} for x with {D=} and w_gate with {F=}, got {w.shape}")
         if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m <= 0:
             raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-        block_m = min(_round_up(block_m, SUBLANE_ROWS), MAX_BLOCK_M, _round_up(M, SUBLANE_ROWS))
+        block_m = min(round_up(block_m, SUBLANE_ROWS), MAX_BLOCK_M, round_up(M, SUBLANE_ROWS))
         if block_f is None:
-            block_f = min(DEFAULT_BLOCK_F, _round_up(F, NUM_LANES))
+            block_f = min(DEFAULT_BLOCK_F, round_up(F, NUM_LANES))
         elif isinstance(block_f, bool) or not isinstance(block_f, int) or block_f <= 0 or block_f % NUM_LANES:
             raise ValueError(f"block_f must be a positive multiple of {NUM_LANES} (TPU lanes), got {block_f!r}")
         return cls(M, D, F, block_m, block_f)
@@ -96,7 +94,7 @@ class _Tiles:
     @property
     def padded(self):
         """(M, D, F) rounded up to multiples of their tiles (D: of 128 lanes)."""
-        return _round_up(self.M, self.block_m), _round_up(self.D, NUM_LANES), _round_up(self.F, self.block_f)
+        return round_up(self.M, self.block_m), round_up(self.D, NUM_LANES), round_up(self.F, self.block_f)
 
     @property
     def num_m_tiles(self):
@@ -115,34 +113,12 @@ class _Spec:
     interpret: object  # None or pltpu.InterpretParams (a frozen dataclass)
 
 
-def _round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _feedforward(x, w_gate, w_up, w_down, spec):
-    return _forward(x, w_gate, w_up, w_down, spec)
-
-
-def _feedforward_fwd(x, w_gate, w_up, w_down, spec):
-    # Residuals are the inputs only: the backward recomputes gate and up tile by tile.
-    return _forward(x, w_gate, w_up, w_down, spec), (x, w_gate, w_up, w_down)
-
-
-def _feedforward_bwd(spec, residuals, dy):
-    grads = _backward(*residuals, dy, spec)
-    return tuple(cotangent_like(g, p) for g, p in zip(grads, residuals))
-
-
-_feedforward.defvjp(_feedforward_fwd, _feedforward_bwd)
-
-
 def _forward(x, w_gate, w_up, w_down, spec):
     t = spec.tiles
     Mp, Dp, Fp = t.padded
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
-    operands, vma = _typed_alike(
-        _pad(x, dtype, Mp, Dp), _pad(w_gate, dtype, Dp, Fp), _pad(w_up, dtype, Dp, Fp), _pad(w_down, dtype, Fp, Dp)
+    operands, vma = typed_alike(
+        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp), pad_to(w_down, dtype, Fp, Dp)
     )
     out = _build_fwd(t, dtype=dtype, out_dtype=x.dtype, vma=vma, interpret=spec.interpret)(*operands)
     return out[: t.M, : t.D]
@@ -153,9 +129,9 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
     t = spec.tiles
     Mp, Dp, Fp = t.padded
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
-    operands, vma = _typed_alike(
-        _pad(x, dtype, Mp, Dp), _pad(dy, dtype, Mp, Dp), _pad(w_gate, dtype, Dp, Fp), _pad(w_up, dtype, Dp, Fp),
-        _pad(w_down, dtype, Fp, Dp),
+    operands, vma = typed_alike(
+        pad_to(x, dtype, Mp, Dp), pad_to(dy, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp),
+        pad_to(w_down, dtype, Fp, Dp),
     )
     # Each gradient leaves its kernel in its input's dtype, or in float32 when a shard_map sum
     # (see `cotangent_like`) still follows.
@@ -171,18 +147,7 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
     return dx[:M, :D], dw_gate[:D, :F], dw_up[:D, :F], dw_down[:F, :D]
 
 
-def _pad(a, dtype, rows, cols):
-    a = a.astype(dtype)
-    if a.shape == (rows, cols):
-        return a
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
-
-
-def _typed_alike(*operands):
-    """Operands made varying over every shard_map axis any of them varies over, and that manual
-    axis type, which the kernels' outputs have (pallas_call needs it spelled out under the vma check)."""
-    operands = tuple(match_vma(a, *operands) for a in operands)
-    return operands, jax.typeof(operands[0]).manual_axis_type
+_feedforward = differentiable(_forward, _backward)
 
 
 def _vmem_limit(blocks, scratch):

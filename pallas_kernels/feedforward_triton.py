@@ -38,8 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention_xla import match_vma
-from pallas_kernels.feedforward_xla import cotangent_like
+from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up, typed_alike
 
 # Smallest tensor dimension Triton's dot accepts; every tile is a power of two at least this.
 MIN_TILE = 16
@@ -94,7 +93,7 @@ class _Tiles:
     @property
     def padded(self):
         """(M, D, F) rounded up to multiples of their tiles."""
-        return (_round_up(self.M, self.block_m), _round_up(self.D, self.block_d), _round_up(self.F, self.block_f))
+        return (round_up(self.M, self.block_m), round_up(self.D, self.block_d), round_up(self.F, self.block_f))
 
     @property
     def grid(self):
@@ -114,10 +113,6 @@ def _next_power_of_two(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
 def _checked_tile(name, value, default, size):
     if value is None:
         return max(MIN_TILE, min(default, _next_power_of_two(size)))
@@ -126,31 +121,13 @@ def _checked_tile(name, value, default, size):
     return value
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _feedforward(x, w_gate, w_up, w_down, spec):
-    return _forward(x, w_gate, w_up, w_down, spec)
-
-
-def _feedforward_fwd(x, w_gate, w_up, w_down, spec):
-    # Residuals are the inputs only: the backward recomputes gate and up tile by tile.
-    return _forward(x, w_gate, w_up, w_down, spec), (x, w_gate, w_up, w_down)
-
-
-def _feedforward_bwd(spec, residuals, dy):
-    grads = _backward(*residuals, dy, spec)
-    return tuple(cotangent_like(g, p) for g, p in zip(grads, residuals))
-
-
-_feedforward.defvjp(_feedforward_fwd, _feedforward_bwd)
-
-
 def _forward(x, w_gate, w_up, w_down, spec):
     t = spec.tiles
     Mp, Dp, Fp = t.padded
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
     out = jnp.zeros((Mp, Dp), jnp.float32)
-    operands, vma = _typed_alike(
-        _pad(x, dtype, Mp, Dp), _pad(w_gate, dtype, Dp, Fp), _pad(w_up, dtype, Dp, Fp), _pad(w_down, dtype, Fp, Dp), out
+    operands, vma = typed_alike(
+        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp), pad_to(w_down, dtype, Fp, Dp), out
     )
     out = _fwd_call(t, precision=_precision(dtype), vma=vma, interpret=spec.interpret)(*operands)
     return out[: t.M, : t.D].astype(x.dtype)
@@ -165,9 +142,9 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
         jnp.zeros((Mp, Dp), jnp.float32), jnp.zeros((Dp, Fp), jnp.float32),
         jnp.zeros((Dp, Fp), jnp.float32), jnp.zeros((Fp, Dp), jnp.float32),
     )
-    operands, vma = _typed_alike(
-        _pad(x, dtype, Mp, Dp), _pad(dy, dtype, Mp, Dp), _pad(w_gate, dtype, Dp, Fp), _pad(w_up, dtype, Dp, Fp),
-        _pad(w_down, dtype, Fp, Dp), *zeros,
+    operands, vma = typed_alike(
+        pad_to(x, dtype, Mp, Dp), pad_to(dy, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp),
+        pad_to(w_down, dtype, Fp, Dp), *zeros,
     )
     dx, dw_gate, dw_up, dw_down = _bwd_call(t, precision=_precision(dtype), vma=vma, interpret=spec.interpret)(
         *operands
@@ -176,18 +153,7 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
     return dx[:M, :D], dw_gate[:D, :F], dw_up[:D, :F], dw_down[:F, :D]
 
 
-def _pad(a, dtype, rows, cols):
-    a = a.astype(dtype)
-    if a.shape == (rows, cols):
-        return a
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
-
-
-def _typed_alike(*operands):
-    """Operands made varying over every shard_map axis any of them varies over, and that manual
-    axis type, which the kernels' outputs have (pallas_call needs it spelled out under the vma check)."""
-    operands = tuple(match_vma(a, *operands) for a in operands)
-    return operands, jax.typeof(operands[0]).manual_axis_type
+_feedforward = differentiable(_forward, _backward)
 
 
 def _precision(dtype):
