@@ -168,15 +168,11 @@ def _check_same_run(workdir, cfg):
 
 
 def _load(path, mesh_axes):
-    import jax
-
     from model_zoo.checkpoint import load_model
-    from model_zoo.model import init_params
-    from model_zoo.sharding import make_mesh, param_shardings
+    from model_zoo.sharding import make_mesh
 
     mesh = make_mesh(**dict(mesh_axes))
-    shardings = lambda config: param_shardings(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), mesh)
-    config, params = load_model(path, shardings=shardings)
+    config, params = load_model(path, mesh=mesh)
     return mesh, config, params
 
 

@@ -15,6 +15,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from model_zoo.config import LWMConfig
+from model_zoo.model import init_params
+from model_zoo.sharding import param_shardings
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -56,20 +60,49 @@ class Checkpoints:
         not load, or whose bytes do not match its fingerprint, is reported and the one before it tried.
         """
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+
+        def restore(step):
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore())
+            )
+            state, record = restored["state"], restored["record"]
+            if record.get("fingerprint") != fingerprint(state):
+                raise CheckpointError("its contents do not match the fingerprint saved with it")
+            return step, state, record
+
+        return self._newest_readable(restore)
+
+    def restore_latest_params(self, mesh=None):
+        """(config, params) of the newest readable checkpoint, the parameters alone (no optimizer
+        state is read), placed by `param_shardings` over `mesh` or on the default device."""
+
+        def restore(step):
+            record = self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+            config = LWMConfig.from_dict(record["model"])
+            target = {"params": _abstract_params(config, mesh)}
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+                ),
+            )["state"]
+            return config, state["params"]
+
+        restored = self._newest_readable(restore)
+        if restored is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        return restored
+
+    def _newest_readable(self, restore):
+        """`restore(step)` of the newest step it succeeds on; each failure is reported and the step
+        before tried. None when there are no checkpoints; an error when none is readable."""
         steps = self.steps()
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore())
-                )
-                state, record = restored["state"], restored["record"]
-                if record.get("fingerprint") != fingerprint(state):
-                    raise CheckpointError("its contents do not match the fingerprint saved with it")
+                return restore(step)
             except Exception as error:  # any failure to read means this checkpoint cannot be trusted
                 print(f"checkpoint at step {step} in {self.directory} is damaged ({_brief(error)}); "
                       "trying the one before it", file=sys.stderr)
-                continue
-            return step, state, record
         if steps:
             raise CheckpointError(f"no readable checkpoint among steps {steps} in {self.directory}")
         return None
@@ -93,61 +126,39 @@ def save_model(directory, config, params):
     (directory / "model.json").write_text(json.dumps({"config": config.to_dict(), "dtype": dtype}, indent=2) + "\n")
 
 
-def load_model(path, shardings=None):
+def load_model(path, mesh=None):
     """(config, params) from a model folder (`save_model`, `python -m model_zoo convert`) or from a
     training workdir (the parameters of its newest readable checkpoint).
 
-    `shardings`: None to place on the default device, or a function config -> params shardings.
+    `mesh`: the parameters are placed by `param_shardings` over it; None: on the default device.
     """
-    from model_zoo.config import LWMConfig
-    from model_zoo.model import init_params
-
     path = pathlib.Path(path).absolute()
     if (path / "model.json").is_file():
         saved = json.loads((path / "model.json").read_text())
         config = LWMConfig.from_dict(saved["config"])
-        target = _abstract_params(config, init_params, shardings, saved["dtype"])
+        target = _abstract_params(config, mesh, saved["dtype"])
         with ocp.StandardCheckpointer() as checkpointer:
             return config, checkpointer.restore(path / "params", target)
     if (path / "checkpoints").is_dir():
-        return _load_from_training(path / "checkpoints", init_params, shardings)
+        checkpoints = Checkpoints(path / "checkpoints")
+        try:
+            return checkpoints.restore_latest_params(mesh)
+        finally:
+            checkpoints.close()
     raise FileNotFoundError(
         f"{str(path)!r} is neither a model folder (model.json + params/) nor a training workdir (checkpoints/)"
     )
 
 
-def _abstract_params(config, init_params, shardings, dtype="float32"):
+def parameter_placement(config, mesh=None, dtype="float32"):
+    """(abstract parameters, where each goes): `param_shardings` over `mesh`, or the default device."""
     shapes = jax.eval_shape(lambda key: init_params(config, key, dtype=dtype), jax.random.key(0))
-    placed = shardings(config) if shardings else jax.tree.map(lambda _: _default_sharding(), shapes)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return shapes, jax.tree.map(lambda _: device, shapes)
+    return shapes, param_shardings(shapes, mesh)
+
+
+def _abstract_params(config, mesh, dtype="float32"):
+    shapes, placed = parameter_placement(config, mesh, dtype)
     return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p), shapes, placed)
-
-
-def _default_sharding():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _load_from_training(directory, init_params, shardings):
-    from model_zoo.config import LWMConfig
-
-    manager = ocp.CheckpointManager(directory)
-    try:
-        for step in reversed(sorted(manager.all_steps())):
-            try:
-                record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-                config = LWMConfig.from_dict(record["model"])
-                target = {"params": _abstract_params(config, init_params, shardings)}
-                state = manager.restore(
-                    step, args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(
-                            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                            partial_restore=True,
-                        )
-                    )
-                )["state"]
-                return config, state["params"]
-            except Exception as error:  # a damaged checkpoint: fall back to the one before
-                print(f"checkpoint at step {step} in {directory} is damaged ({_brief(error)}); "
-                      "trying the one before it", file=sys.stderr)
-    finally:
-        manager.close()
-    raise CheckpointError(f"no readable checkpoint in {directory}")

@@ -10,6 +10,14 @@ EOV_TOKEN = 8193  # end of vision
 TOKENS_PER_FRAME = 257  # 16 x 16 codes and <eof>
 
 
+def check_positive_ints(obj, *names):
+    """ValueError naming `type(obj).name` and its value unless each field is a positive int."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LWMConfig:
     """Hyper-parameters of the LLaMA decoder. Derived values are properties.
@@ -34,11 +42,8 @@ class LWMConfig:
     ring_layout: str = "contiguous"  # how the sequence lies on the "sp" ring
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LWMConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                            "num_kv_heads", "max_position_embeddings")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:

@@ -15,7 +15,7 @@ from model_zoo.tokenizer import Tokenizer, default_tokenizer
 
 MIN_DOCUMENT = 16  # shorter leftovers at a row's end are padding
 MIN_NEEDLE = 96  # room for the template, a needle, the question and the answer
-ANSWER_ROOM = 12  # " " + 7 digits + eos, with margin
+ANSWER_ROOM = 12  # tokens per asked number: " " + 7 digits + eos, with margin
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,7 +59,8 @@ def generate(params, prompts, *, config, max_new_tokens, temperature=0.0, top_p=
     _check_sampling(max_new_tokens, temperature, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    mesh = None if jax.sharding.get_abstract_mesh().empty else jax.sharding.get_abstract_mesh()
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh = None if mesh.empty else mesh
     rows = len(prompts)
     batch = rows if mesh is None else -(-rows // (mesh.shape["dp"] * mesh.shape["fsdp"])) * mesh.shape["dp"] * mesh.shape["fsdp"]
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - rows), np.int32)

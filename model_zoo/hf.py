@@ -16,9 +16,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from model_zoo.checkpoint import save_model
+from model_zoo.checkpoint import parameter_placement, save_model
 from model_zoo.config import LWMConfig
-from model_zoo.model import init_params
 
 # Hugging Face name inside a layer -> our stacked parameter. Linear weights are [out, in] there and
 # [in, out] here; the norms are vectors.
@@ -84,20 +83,19 @@ def hf_config(values: dict) -> LWMConfig:
     )
 
 
-def load_hf_checkpoint(path, dtype=jnp.float32, shardings=None):
+def load_hf_checkpoint(path, dtype=jnp.float32, mesh=None):
     """(LWMConfig, params) from a Hugging Face LLaMA folder: config.json and model.safetensors, or
     shards listed by model.safetensors.index.json.
 
-    `dtype`: the parameters' dtype (bfloat16 files are cast). `shardings`: None for the default
-    device, or a function config -> params shardings (as in `model_zoo.checkpoint.load_model`).
+    `dtype`: the parameters' dtype (bfloat16 files are cast). `mesh`: the parameters are placed by
+    `param_shardings` over it; None: on the default device (as in `model_zoo.checkpoint.load_model`).
     Missing or unexpected tensor names, and tensors of the wrong shape, are a ValueError.
     """
     path = pathlib.Path(path)
     values = json.loads((path / "config.json").read_text())
     config = hf_config(values)
     tied = bool(values.get("tie_word_embeddings", False))
-    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    place = shardings(config) if shardings else jax.tree.map(lambda _: jax.devices()[0], shapes)
+    shapes, place = parameter_placement(config, mesh)
     flat_shapes, flat_place = _flat(shapes), _flat(place)  # by parameter name, layers' ones included
 
     # Every tensor name first (headers only), so a wrong checkpoint fails before any data is read.

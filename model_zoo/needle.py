@@ -6,11 +6,9 @@ import pathlib
 
 import numpy as np
 
-from model_zoo.data import needle_example
+from model_zoo.data import ANSWER_ROOM, needle_example
 from model_zoo.generate import generate
 from model_zoo.tokenizer import default_tokenizer
-
-ANSWER_TOKENS = 12  # room for " " + 7 digits and eos per asked number
 
 
 def evaluate_needles(params, config, *, lengths, depths, trials=4, num_needles=1, num_asked=1, seed=0,
@@ -25,12 +23,12 @@ def evaluate_needles(params, config, *, lengths, depths, trials=4, num_needles=1
         for j, depth in enumerate(depths):
             rng = np.random.default_rng([seed, length, int(depth * 1000)])
             examples = [
-                needle_example(rng, length - ANSWER_TOKENS * num_asked, depth=depth, num_needles=num_needles, num_asked=num_asked,
+                needle_example(rng, length - ANSWER_ROOM * num_asked, depth=depth, num_needles=num_needles, num_asked=num_asked,
                                tokenizer=tokenizer)
                 for _ in range(trials)
             ]
             answers = generate(params, [e.prompt for e in examples], config=config,
-                               max_new_tokens=ANSWER_TOKENS * num_asked, stop_tokens=(tokenizer.eos_id,))
+                               max_new_tokens=ANSWER_ROOM * num_asked, stop_tokens=(tokenizer.eos_id,))
             found = [sum(n in tokenizer.decode(a) for n in e.numbers) / len(e.numbers) for e, a in zip(examples, answers)]
             scores[i, j] = np.mean(found)
             if on_cell is not None:

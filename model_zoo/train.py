@@ -20,7 +20,7 @@ import optax
 from tqdm import tqdm
 
 from model_zoo.checkpoint import Checkpoints
-from model_zoo.config import LWMConfig
+from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
 from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
@@ -39,10 +39,7 @@ class Stage:
     steps: int
 
     def __post_init__(self):
-        for name in ("seq_len", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Stage.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "seq_len", "steps")
         if not self.rope_theta > 1:
             raise ValueError(f"Stage.rope_theta must be > 1, got {self.rope_theta!r}")
 
@@ -69,10 +66,7 @@ class TrainConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages must not be empty")
-        for name in ("batch_size", "save_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "batch_size", "save_every", "keep_checkpoints")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         if not 0 <= self.needle_fraction <= 1:

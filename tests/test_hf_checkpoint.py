@@ -54,11 +54,9 @@ def on_ring(path, tokens):
     """Logits with the parameters placed by `param_shardings` and the sequence split over 8 devices."""
     mesh = make_mesh(sp=8)
 
-    def shardings(config):
-        return param_shardings(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), mesh)
-
-    config, params = load_hf_checkpoint(path, shardings=shardings)
-    assert params["layers"]["wq"].sharding == shardings(config)["layers"]["wq"]
+    config, params = load_hf_checkpoint(path, mesh=mesh)
+    shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    assert params["layers"]["wq"].sharding == param_shardings(shapes, mesh)["layers"]["wq"]
     with jax.set_mesh(mesh):
         return config, _forward(params, jax.device_put(tokens, batch_sharding(mesh)), config=config)
 
