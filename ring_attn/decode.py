@@ -76,6 +76,14 @@ def _check_array(name, x, rank, dims):
         raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
+def _check_pair(k_name, k, v_name, v, dims):
+    """Keys and values: each a rank-4 float array, both of one shape."""
+    _check_array(k_name, k, 4, dims)
+    _check_array(v_name, v, 4, dims)
+    if k.shape != v.shape:
+        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {k.shape} and {v.shape}")
+
+
 def _per_row(name, value, B, low=None, high=None):
     """A Python int or an integer array of shape [] or [B], as int32 [B]. Python ints are also
     range-checked; traced values cannot be."""
@@ -110,10 +118,7 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
       [B, n, N, H] in q's dtype, accumulated in float32. A query that sees no key returns 0.
     """
     _check_array("q", q, 4, "[B, n, N, H]")
-    _check_array("k_cache", k_cache, 4, "[B, C, K, H]")
-    _check_array("v_cache", v_cache, 4, "[B, C, K, H]")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
+    _check_pair("k_cache", k_cache, "v_cache", v_cache, "[B, C, K, H]")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
     (B, n, N, H), (Bc, C, K, Hc) = q.shape, k_cache.shape
@@ -183,14 +188,8 @@ def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | N
     Returns:
       The updated (k_cache, v_cache), in the caches' dtype.
     """
-    _check_array("k_cache", k_cache, 4, "[B, C, K, H]")
-    _check_array("v_cache", v_cache, 4, "[B, C, K, H]")
-    _check_array("k_new", k_new, 4, "[B, n, K, H]")
-    _check_array("v_new", v_new, 4, "[B, n, K, H]")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
-    if k_new.shape != v_new.shape:
-        raise ValueError(f"k_new and v_new must have the same shape, got {k_new.shape} and {v_new.shape}")
+    _check_pair("k_cache", k_cache, "v_cache", v_cache, "[B, C, K, H]")
+    _check_pair("k_new", k_new, "v_new", v_new, "[B, n, K, H]")
     (B, C, K, H), n = k_cache.shape, k_new.shape[1]
     if (k_new.shape[0],) + k_new.shape[2:] != (B, K, H):
         raise ValueError(
