@@ -38,12 +38,13 @@ def import_peer():
     return ringattention.ringattention_jax
 
 
-def peer_fn(mesh, causal, local_len):
+def peer_fn(mesh, causal, chunk):
+    """The peer inside `shard_map`, as its README calls it, with query/key chunks of `chunk`."""
     ringattention_jax = import_peer()
     blockwise_kwargs = dict(
         causal_block_size=1 if causal else None,
-        query_chunk_size=local_len,
-        key_chunk_size=local_len,
+        query_chunk_size=chunk,
+        key_chunk_size=chunk,
         deterministic=True,
         dropout_rng=None,
         attn_pdrop=0.0,

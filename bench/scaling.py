@@ -3,7 +3,7 @@
     python bench/scaling.py memory    # compiled temp bytes vs shard length and ring size (no runs)
     python bench/scaling.py window    # causal fwd+bwd with window L/8 vs full causal, ring of 8
     python bench/scaling.py overlap   # ring step time with and without the k/v transfer
-    python bench/scaling.py flops     # achieved FLOP/s vs L (to --max-length) and ring size, one-device XLA
+    python bench/scaling.py flops     # achieved FLOP/s vs L (to --max-length) and ring size, the peer, one-device XLA
     python bench/scaling.py all       # all four, then the plots
 
 Each section prints a markdown table and writes bench/results/<section>.json; `flops` and `all`
@@ -157,36 +157,54 @@ def overlap(runs):
     save("overlap", {"L": L, "rows": rows})
 
 
+LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
+NON_CAUSAL_UP_TO = 8192  # beyond it only causal runs: the sweep would take hours on 2 cores
+DENSE_UP_TO = 8192  # one-device dense attention holds the [N, L, L] scores: 4 GiB at 16K
+PEER_CHUNK = 2048  # the peer's query/key chunk (or the local shard when shorter)
+
+
 def flops(runs, max_length):
-    """Achieved FLOP/s of the ring forward and forward+backward against measured ceilings."""
+    """Achieved FLOP/s of the ring forward and forward+backward against measured ceilings, with
+    `ringattention` 0.1.2 on the ring of 8 and one-device XLA attention in the same run."""
+    from compare_ringattention import peer_fn
+
     matmul, copy = matmul_ceiling(runs), copy_ceiling(runs)
     rows = []
-    for L in (L for L in (2048, 4096, 8192, 16384, 32768, 65536) if L <= max_length):
-        for R in (1, 2, 4, 8):
-            mesh = mesh_of(R)
-            args = inputs(L, mesh)
-            for causal in (False, True):
-                kwargs = dict(causal=causal, layout="zigzag" if causal else "contiguous")
-                fwd_s = median_time(jax.jit(forward(mesh, **kwargs)).lower(*args).compile(), args, runs)
-                bwd_s = median_time(jax.jit(train_step(mesh, **kwargs)).lower(*args).compile(), args, runs)
-                f_fwd = attention_flops(B, N, L, L, H, causal)
-                f_all = f_fwd + attention_flops(B, N, L, L, H, causal, backward=True)
-                intensity = f_all / (attention_bytes(B, N, N, L, L, H, dtype_bytes=4)
-                                     + attention_bytes(B, N, N, L, L, H, dtype_bytes=4, backward=True))
-                rows.append(dict(L=L, ring=R, causal=causal, fwd_s=fwd_s, fwd_bwd_s=bwd_s,
-                                 fwd_gflops=f_fwd / fwd_s / 1e9, fwd_bwd_gflops=f_all / bwd_s / 1e9, intensity=intensity))
+
+    def measure(impl, L, R, causal, fwd, step, args):
+        fwd_s = median_time(jax.jit(fwd).lower(*args).compile(), args, runs, once_over_s=10)
+        all_s = median_time(jax.jit(step).lower(*args).compile(), args, runs, once_over_s=10)
+        f_fwd = attention_flops(B, N, L, L, H, causal)
+        f_all = f_fwd + attention_flops(B, N, L, L, H, causal, backward=True)
+        intensity = f_all / (attention_bytes(B, N, N, L, L, H, dtype_bytes=4)
+                             + attention_bytes(B, N, N, L, L, H, dtype_bytes=4, backward=True))
+        rows.append(dict(impl=impl, L=L, ring=R, causal=causal, fwd_s=fwd_s, fwd_bwd_s=all_s,
+                         fwd_gflops=f_fwd / fwd_s / 1e9, fwd_bwd_gflops=f_all / all_s / 1e9, intensity=intensity))
+
+    for L in (L for L in LENGTHS if L <= max_length):
+        for causal in (False, True) if L <= NON_CAUSAL_UP_TO else (True,):
+            kwargs = dict(causal=causal, layout="zigzag" if causal else "contiguous")
+            for R in (1, 2, 4, 8):
+                mesh = mesh_of(R)
+                args = inputs(L, mesh)
+                measure("ring_attn", L, R, causal, forward(mesh, **kwargs), train_step(mesh, **kwargs), args)
+            mesh = mesh_of(8)
+            peer = peer_fn(mesh, causal, min(PEER_CHUNK, L // 8))
+            measure("ringattention", L, 8, causal, lambda q, k, v, d: peer(q, k, v),
+                    jax.grad(lambda q, k, v, d: jnp.sum(peer(q, k, v) * d), argnums=(0, 1, 2)), inputs(L, mesh))
         print(f"L={L} done", flush=True)
     dense = []
-    for L in (2048, 4096, 8192):
+    for L in (L for L in LENGTHS if L <= min(max_length, DENSE_UP_TO)):
         args = inputs(L, mesh_of(1))
         for causal in (False, True):
             f = jax.jit(lambda q, k, v, d, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="xla"))
             s = median_time(f.lower(*args).compile(), args, runs)
             dense.append(dict(L=L, causal=causal, fwd_s=s, fwd_gflops=attention_flops(B, N, L, L, H, causal) / s / 1e9))
     print(f"\nceilings: matmul {matmul / 1e9:.1f} GFLOP/s, copy {copy / 1e9:.1f} GB/s; B={B} N={N} H={H} float32\n")
-    print(table(["L", "ring", "causal", "fwd s", "fwd GFLOP/s", "fwd+bwd s", "fwd+bwd GFLOP/s", "of ceiling"],
-                [(r["L"], r["ring"], r["causal"], f"{r['fwd_s']:.3f}", f"{r['fwd_gflops']:.1f}", f"{r['fwd_bwd_s']:.3f}",
-                  f"{r['fwd_bwd_gflops']:.1f}", f"{r['fwd_bwd_gflops'] * 1e9 / matmul:.0%}") for r in rows]))
+    print(table(["impl", "L", "ring", "causal", "fwd s", "fwd GFLOP/s", "fwd+bwd s", "fwd+bwd GFLOP/s", "of ceiling"],
+                [(r["impl"], r["L"], r["ring"], r["causal"], f"{r['fwd_s']:.3f}", f"{r['fwd_gflops']:.1f}",
+                  f"{r['fwd_bwd_s']:.3f}", f"{r['fwd_bwd_gflops']:.1f}", f"{r['fwd_bwd_gflops'] * 1e9 / matmul:.0%}")
+                 for r in rows]))
     print("\njax.nn.dot_product_attention (xla), one device, forward\n")
     print(table(["L", "causal", "fwd s", "GFLOP/s"], [(d["L"], d["causal"], f"{d['fwd_s']:.3f}", f"{d['fwd_gflops']:.1f}") for d in dense]))
     save("flops", {"matmul": matmul, "copy": copy, "rows": rows, "dense": dense})
@@ -204,8 +222,10 @@ def plots():
     x = np.logspace(0, 4, 100)
     ax.loglog(x, np.minimum(matmul, copy * x) / 1e9, "k-", label="ceiling (matmul, copy)")
     for R, marker in zip((1, 2, 4, 8), "os^D"):
-        pts = [r for r in data["rows"] if r["ring"] == R]
+        pts = [r for r in data["rows"] if r["impl"] == "ring_attn" and r["ring"] == R]
         ax.loglog([p["intensity"] for p in pts], [p["fwd_bwd_gflops"] for p in pts], marker, label=f"ring of {R}")
+    pts = [r for r in data["rows"] if r["impl"] == "ringattention"]
+    ax.loglog([p["intensity"] for p in pts], [p["fwd_bwd_gflops"] for p in pts], "kx", label="ringattention, ring of 8")
     ax.set_xlabel("FLOPs per byte (fused-kernel bytes)")
     ax.set_ylabel("GFLOP/s, fwd+bwd")
     ax.set_title("ring_attn roofline, simulated CPU devices")
@@ -214,8 +234,13 @@ def plots():
     fig.savefig(HERE / "roofline.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     for R, marker in zip((1, 2, 4, 8), "os^D"):
-        pts = [r for r in data["rows"] if r["ring"] == R and r["causal"]]
+        pts = [r for r in data["rows"] if r["impl"] == "ring_attn" and r["ring"] == R and r["causal"]]
         ax.loglog([p["L"] for p in pts], [p["fwd_bwd_s"] for p in pts], marker + "-", label=f"ring of {R}")
+    pts = [r for r in data["rows"] if r["impl"] == "ringattention" and r["causal"]]
+    ax.loglog([p["L"] for p in pts], [p["fwd_bwd_s"] for p in pts], "kx--", label="ringattention, ring of 8")
+    lengths = sorted({r["L"] for r in data["rows"]})
+    ax.set_xticks(lengths, [f"{L // 1024}K" for L in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("global sequence length L")
     ax.set_ylabel("causal fwd+bwd seconds")
     ax.set_title("time vs length (2 cores shared by all devices)")
@@ -229,7 +254,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("section", choices=("memory", "window", "overlap", "flops", "plots", "all"))
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=16384, help="longest L of the flops sweep")
+    parser.add_argument("--max-length", type=int, default=65536, help="longest L of the flops sweep")
     args = parser.parse_args()
     if args.section in ("memory", "all"):
         memory()
