@@ -4,12 +4,16 @@
     PYTHONPATH=. python3 bench/gpu_check.py --tiny     # anywhere: tiny shapes, kernels interpreted
 
 Correctness: the Triton-lowered kernels (forward and backward, through `ring_attention` with
-impl="pallas") against the reference at the highest matmul precision, float32 and bfloat16,
-with GQA, segments and causal masks. Timing: forward and forward+backward at L in {2K, 8K, 16K},
-H in {64, 128}, causal and not, bfloat16, beside `jax.nn.dot_product_attention` with
-implementation "cudnn" and "xla" in the same run; TFLOP/s by the FlashAttention convention
-(forward 4·B·N·L²·H, halved when causal; backward 2.5x the forward) and a bfloat16 matmul
-ceiling measured in the same run. Needs nothing beyond jax and this checkout.
+impl="pallas_triton") against the reference at the highest matmul precision, float32 and bfloat16,
+with GQA, segments and causal masks; and the Mosaic GPU (Hopper) forward, impl="pallas_mgpu"
+(with the Triton backward), on the bfloat16 cases, the only ones it takes. Timing: forward and
+forward+backward at L in {2K, 8K, 16K}, H in {64, 128}, causal and not, bfloat16, of both
+("ring_attn": Triton, "ring_attn_mgpu": the Mosaic GPU forward) beside
+`jax.nn.dot_product_attention` with implementation "cudnn" and "xla" in the same run; TFLOP/s by
+the FlashAttention convention (forward 4·B·N·L²·H, halved when causal; backward 2.5x the forward)
+and a bfloat16 matmul ceiling measured in the same run. With --tiny off a GPU the Mosaic GPU
+kernel is checked at one tiny case in its interpret mode and not timed (an interpreter's time
+means nothing, and costs seconds a call). Needs nothing beyond jax and this checkout.
 """
 
 import argparse
@@ -32,6 +36,9 @@ from ring_attn.cost import attention_flops  # noqa: E402
 from timing import median_time  # noqa: E402
 
 TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
+# Timed kernels by report name: the Triton kernels, and the Mosaic GPU forward (Triton backward).
+TRITON, MGPU = "ring_attn", "ring_attn_mgpu"
+IMPLS = {TRITON: "pallas_triton", MGPU: "pallas_mgpu"}
 
 
 def rel_err(actual, expected):
@@ -66,25 +73,32 @@ def correctness(impl, cases, block):
             ref, ref_vjp = jax.vjp(lambda *a: oracle(*(x.astype(jnp.float32) for x in a)), q, k, v)
             return (out, *vjp(d_out)), (ref, *ref_vjp(d_out.astype(jnp.float32)))
 
-        got, expected = both(q, k, v, d_out)
+        case = dict(impl=impl, B=B, L=L, N=N, K=K, H=H, causal=causal, segments=segments, dtype=dtype_name)
+        try:
+            got, expected = both(q, k, v, d_out)
+        except Exception as e:  # one kernel failing to build must not cost the others' results
+            rows.append(dict(case, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", ok=False))
+            print(f"correct BAD {rows[-1]}", flush=True)
+            continue
         errors = [rel_err(a, b) for a, b in zip(got, expected)]
         fwd_tol, grad_tol = TOLERANCE[dtype_name]
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
         ok = finite and errors[0] <= fwd_tol and max(errors[1:]) <= grad_tol
-        rows.append(dict(B=B, L=L, N=N, K=K, H=H, causal=causal, segments=segments, dtype=dtype_name,
-                         out=errors[0], dq=errors[1], dk=errors[2], dv=errors[3], ok=ok))
+        rows.append(dict(case, out=errors[0], dq=errors[1], dk=errors[2], dv=errors[3], ok=ok))
         print(f"correct {'OK ' if ok else 'BAD'} {rows[-1]}", flush=True)
     return rows
 
 
-def timing(impl, lengths, head_dims, B, N, runs, on_gpu):
+def timing(impls, lengths, head_dims, B, N, runs, on_gpu):
     rows = []
     for L in lengths:
         for H in head_dims:
             q, k, v, d_out = random_inputs(0, B, L, N, N, H, jnp.bfloat16)
             for causal in (False, True):
                 fwd_flops = attention_flops(B, N, L, L, H, causal)
-                candidates = {"ring_attn": functools.partial(ring_attn.ring_attention, causal=causal, impl=impl)}
+                candidates = {
+                    name: functools.partial(ring_attn.ring_attention, causal=causal, impl=impls[name]) for name in impls
+                }
                 for name in ("cudnn", "xla"):
                     if name == "cudnn" and not on_gpu:
                         continue
@@ -103,10 +117,15 @@ def timing(impl, lengths, head_dims, B, N, runs, on_gpu):
                         fwd_s=t_fwd, fwd_bwd_s=t_all, fwd_tflops=fwd_flops / t_fwd / 1e12,
                         bwd_tflops=2.5 * fwd_flops / max(t_all - t_fwd, 1e-9) / 1e12,
                     )
-                if "cudnn" in row and "fwd_s" in row["cudnn"] and "fwd_s" in row["ring_attn"]:
-                    row["fwd_vs_cudnn"] = row["cudnn"]["fwd_s"] / row["ring_attn"]["fwd_s"]
-                    ours_bwd = row["ring_attn"]["fwd_bwd_s"] - row["ring_attn"]["fwd_s"]
+                if "cudnn" in row and "fwd_s" in row["cudnn"] and "fwd_s" in row[TRITON]:
+                    row["fwd_vs_cudnn"] = row["cudnn"]["fwd_s"] / row[TRITON]["fwd_s"]
+                    ours_bwd = row[TRITON]["fwd_bwd_s"] - row[TRITON]["fwd_s"]
                     row["bwd_vs_cudnn"] = (row["cudnn"]["fwd_bwd_s"] - row["cudnn"]["fwd_s"]) / ours_bwd
+                if "fwd_s" in row.get(MGPU, {}):
+                    if "fwd_s" in row[TRITON]:
+                        row["mgpu_fwd_vs_triton"] = row[TRITON]["fwd_s"] / row[MGPU]["fwd_s"]
+                    if "fwd_s" in row.get("cudnn", {}):
+                        row["mgpu_fwd_vs_cudnn"] = row["cudnn"]["fwd_s"] / row[MGPU]["fwd_s"]
                 rows.append(row)
                 print(f"timed {row}", flush=True)
     return rows
@@ -120,15 +139,18 @@ def matmul_ceiling(n, runs):
 def markdown(report):
     lines = [f"# GPU check on {report['device']} (jax {report['jax']})", ""]
     lines += ["## Correctness (relative Frobenius error vs reference)", "",
-              "| B | L | N:K | H | causal | segments | dtype | out | dq | dk | dv | ok |", "|" + "---|" * 12]
+              "| impl | B | L | N:K | H | causal | segments | dtype | out | dq | dk | dv | ok |", "|" + "---|" * 13]
     for r in report["correctness"]:
-        lines.append(f"| {r['B']} | {r['L']} | {r['N']}:{r['K']} | {r['H']} | {r['causal']} | {r['segments']} | {r['dtype']} "
-                     f"| {r['out']:.1e} | {r['dq']:.1e} | {r['dk']:.1e} | {r['dv']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+        case = f"| {r['impl']} | {r['B']} | {r['L']} | {r['N']}:{r['K']} | {r['H']} | {r['causal']} | {r['segments']} | {r['dtype']} "
+        if "error" in r:
+            lines.append(case + f"| {r['error']} | | | | NO |")
+        else:
+            lines.append(case + f"| {r['out']:.1e} | {r['dq']:.1e} | {r['dk']:.1e} | {r['dv']:.1e} | {'yes' if r['ok'] else 'NO'} |")
     lines += ["", f"bf16 matmul ceiling: {report['matmul_tflops']:.1f} TFLOP/s", "",
-              "## Timing, bfloat16 (TFLOP/s; ratio = cuDNN time / ours)", "",
+              "## Timing, bfloat16 (TFLOP/s; ratio = cuDNN (or Triton) time / ours)", "",
               "| L | H | causal | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | bwd TFLOP/s |", "|" + "---|" * 8]
     for r in report["timing"]:
-        for name in ("ring_attn", "cudnn", "xla"):
+        for name in (TRITON, MGPU, "cudnn", "xla"):
             m = r.get(name)
             if m is None:
                 continue
@@ -139,6 +161,9 @@ def markdown(report):
                          f"| {m['fwd_bwd_s'] * 1e3:.2f} | {m['bwd_tflops']:.1f} |")
         if "fwd_vs_cudnn" in r:
             lines.append(f"| | | | ours vs cuDNN | fwd {r['fwd_vs_cudnn']:.2f}x | | bwd {r['bwd_vs_cudnn']:.2f}x | |")
+        if "mgpu_fwd_vs_triton" in r:
+            vs_cudnn = f" (vs cuDNN {r['mgpu_fwd_vs_cudnn']:.2f}x)" if "mgpu_fwd_vs_cudnn" in r else ""
+            lines.append(f"| | | | Mosaic GPU vs Triton | fwd {r['mgpu_fwd_vs_triton']:.2f}x{vs_cudnn} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,11 +174,12 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
-    impl = "pallas_triton"
     if args.tiny:
         cases = [(1, 32, 4, 2, 64, True, True, "float32"), (1, 32, 4, 4, 80, False, False, "bfloat16")]
+        # Interpreted off a GPU, one query tile of one head: a single simulated thread block.
+        mgpu_cases = [(1, 64, 1, 1, 64, True, True, "bfloat16")]
         report_timing = dict(lengths=(64,), head_dims=(64,), B=1, N=2, runs=1)
-        block, ceiling_n = 16, 256
+        block, mgpu_block, ceiling_n = 16, 64, 256
     else:
         cases = [
             (2, 1024, 8, 8, 64, True, False, "float32"),
@@ -162,12 +188,14 @@ def main(argv=None):
             (2, 1024, 8, 1, 64, False, True, "bfloat16"),
             (1, 512, 4, 4, 80, True, False, "bfloat16"),
         ]
+        mgpu_cases = [case for case in cases if case[-1] == "bfloat16"]  # wgmma takes 16-bit inputs
         report_timing = dict(lengths=(2048, 8192, 16384), head_dims=(64, 128), B=2, N=16, runs=args.runs)
-        block, ceiling_n = 128, 8192
+        block, mgpu_block, ceiling_n = 128, 128, 8192
     report = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, backend=jax.default_backend())
-    report["correctness"] = correctness(impl, cases, block)
+    report["correctness"] = correctness(IMPLS[TRITON], cases, block) + correctness(IMPLS[MGPU], mgpu_cases, mgpu_block)
     report["matmul_tflops"] = matmul_ceiling(ceiling_n, report_timing["runs"]) / 1e12
-    report["timing"] = timing(impl, on_gpu=on_gpu, **report_timing)
+    timed = IMPLS if on_gpu else {TRITON: IMPLS[TRITON]}
+    report["timing"] = timing(timed, on_gpu=on_gpu, **report_timing)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))

@@ -128,8 +128,9 @@ class _Tiling:
     tile: int
 
     @classmethod
-    def make(cls, length, block, cap):
-        padded = block if block & -block >= MIN_TILE else -(-block // MIN_TILE) * MIN_TILE
+    def make(cls, length, block, cap, min_tile=MIN_TILE):
+        """`min_tile` (a power of two, <= cap) replaces MIN_TILE for kernels with larger tiles."""
+        padded = block if block & -block >= min_tile else -(-block // min_tile) * min_tile
         return cls(length, block, padded, min(cap, padded & -padded))
 
     @property

@@ -5,15 +5,17 @@ from typing import Literal
 import jax
 
 from pallas_kernels import (
-    attention_tpu, attention_triton, attention_xla, feedforward_tpu, feedforward_triton, feedforward_xla,
+    attention_mgpu, attention_tpu, attention_triton, attention_xla, feedforward_tpu, feedforward_triton,
+    feedforward_xla,
 )
 
-Impl = Literal["auto", "pallas", "pallas_triton", "pallas_tpu", "xla"]
-IMPLS = ("auto", "pallas", "pallas_triton", "pallas_tpu", "xla")
+Impl = Literal["auto", "pallas", "pallas_triton", "pallas_mgpu", "pallas_tpu", "xla"]
+IMPLS = ("auto", "pallas", "pallas_triton", "pallas_mgpu", "pallas_tpu", "xla")
 
 # Resolved kernels: what runs, and whether it runs in Pallas interpret mode.
 XLA, TRITON, TRITON_INTERPRET, TPU, TPU_INTERPRET = "xla", "triton", "triton_interpret", "tpu", "tpu_interpret"
-INTERPRETED = (TRITON_INTERPRET, TPU_INTERPRET)
+MGPU, MGPU_INTERPRET = "mgpu", "mgpu_interpret"
+INTERPRETED = (TRITON_INTERPRET, MGPU_INTERPRET, TPU_INTERPRET)
 
 
 def resolve_impl(impl: Impl) -> str:
@@ -22,7 +24,10 @@ def resolve_impl(impl: Impl) -> str:
     "auto": the Pallas kernels on GPU (Triton lowering) and TPU (Mosaic), the portable jnp path
     ("xla") on CPU. "pallas": the Pallas kernels of this backend; on CPU, the GPU kernels in
     interpret mode. "pallas_triton" / "pallas_tpu": that kernel family, in interpret mode when the
-    backend is not its own (how CPU tests run both).
+    backend is not its own (how CPU tests run both). "pallas_mgpu": the Mosaic GPU (Hopper:
+    wgmma, TMA) attention forward of `attention_mgpu` with the Triton backward, compiled on a GPU
+    backend and in Mosaic GPU interpret mode elsewhere. It has not yet run on a GPU, so neither
+    "auto" nor "pallas" chooses it; it takes 16-bit inputs only.
     """
     platform = jax.default_backend()
     match impl:
@@ -34,6 +39,8 @@ def resolve_impl(impl: Impl) -> str:
             return {"gpu": TRITON, "tpu": TPU}.get(platform, TRITON_INTERPRET)
         case "pallas_triton":
             return TRITON if platform == "gpu" else TRITON_INTERPRET
+        case "pallas_mgpu":
+            return MGPU if platform == "gpu" else MGPU_INTERPRET
         case "pallas_tpu":
             return TPU if platform == "tpu" else TPU_INTERPRET
         case _:
@@ -47,6 +54,9 @@ def attention_fwd(q, k, v, *, impl, **kwargs):
             return attention_xla.attention_fwd(q, k, v, **kwargs)
         case "triton" | "triton_interpret":
             return attention_triton.attention_fwd(q, k, v, interpret=impl == TRITON_INTERPRET, **kwargs)
+        case "mgpu" | "mgpu_interpret":
+            interpret = attention_mgpu.interpret_params() if impl == MGPU_INTERPRET else None
+            return attention_mgpu.attention_fwd(q, k, v, interpret=interpret, **kwargs)
         case "tpu" | "tpu_interpret":
             return attention_tpu.attention_fwd(q, k, v, interpret=_tpu_interpret(impl), **kwargs)
     raise ValueError(f"unknown resolved {impl=}")
@@ -59,6 +69,9 @@ def attention_bwd(q, k, v, out, lse, d_out, *, impl, **kwargs):
             return attention_xla.attention_bwd(q, k, v, out, lse, d_out, **kwargs)
         case "triton" | "triton_interpret":
             return attention_triton.attention_bwd(q, k, v, out, lse, d_out, interpret=impl == TRITON_INTERPRET, **kwargs)
+        case "mgpu" | "mgpu_interpret":
+            # The Mosaic GPU kernel is a forward only: the Triton backward follows it.
+            return attention_triton.attention_bwd(q, k, v, out, lse, d_out, interpret=impl == MGPU_INTERPRET, **kwargs)
         case "tpu" | "tpu_interpret":
             return attention_tpu.attention_bwd(q, k, v, out, lse, d_out, interpret=_tpu_interpret(impl), **kwargs)
     raise ValueError(f"unknown resolved {impl=}")
@@ -80,12 +93,14 @@ def feedforward(x, w_gate, w_up, w_down, *, impl, chunk_size):
     the fused kernels have not yet been timed against them on a GPU or TPU). "pallas",
     "pallas_triton", "pallas_tpu" (resolved as `resolve_impl` does; "triton", "tpu" and their
     "_interpret" forms directly): the fused Pallas kernels over the B * L tokens flattened, with
-    `chunk_size` as the token tile, rounded to what the kernel family accepts.
+    `chunk_size` as the token tile, rounded to what the kernel family accepts. "pallas_mgpu" (an
+    attention kernel; there is no Mosaic GPU feedforward): the Triton feedforward.
     """
-    if impl in (XLA, TRITON, TRITON_INTERPRET, TPU, TPU_INTERPRET):
+    if impl in (XLA, TRITON, TRITON_INTERPRET, TPU, TPU_INTERPRET, MGPU, MGPU_INTERPRET):
         kernel = impl
     else:
         kernel = resolve_impl("xla" if impl == "auto" else impl)
+    kernel = {MGPU: TRITON, MGPU_INTERPRET: TRITON_INTERPRET}.get(kernel, kernel)
     if kernel == XLA:
         return feedforward_xla.feedforward(x, w_gate, w_up, w_down, chunk_size=chunk_size)
     if kernel == TRITON_INTERPRET and any(jax.typeof(a).manual_axis_type.varying for a in (x, w_gate, w_up, w_down)):

@@ -47,7 +47,10 @@ def ring_attention(
       impl: "auto" chooses at call time from the default backend: the Pallas kernels on GPU
         (Triton lowering) and TPU (Mosaic), the portable jnp path ("xla") on CPU. "pallas": this
         backend's Pallas kernels (on CPU, the GPU kernels in interpret mode). "pallas_triton" /
-        "pallas_tpu": that kernel family, interpreted off its own backend. "xla": jnp everywhere.
+        "pallas_tpu": that kernel family, interpreted off its own backend. "pallas_mgpu": the
+        Mosaic GPU (Hopper: wgmma, TMA) forward with the Triton backward, interpreted off a GPU;
+        16-bit inputs only, and not chosen by "auto" / "pallas" (it has not yet run on a GPU).
+        "xla": jnp everywhere.
 
     Returns:
       [B, T, N, H] in q's dtype; accumulation is float32 whatever the input dtype.
@@ -60,7 +63,14 @@ def ring_attention(
         raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
     impl = pallas_kernels.resolve_impl(impl)
     ring_size = _ring_size(axis_name)
-    if impl == "triton_interpret" and axis_name is not None and jax.typeof(q).manual_axis_type.varying:
+    if impl == "mgpu_interpret" and ring_size > 1:
+        raise NotImplementedError(
+            f"impl='pallas_mgpu' runs the Mosaic GPU kernel in interpret mode on this backend, which in this "
+            f"JAX simulates one device at a time and cannot run a ring of {ring_size}: use impl='pallas_triton' "
+            "(or 'xla') for a ring off the GPU, or run on a GPU"
+        )
+    interpreted_gpu = impl in ("triton_interpret", "mgpu_interpret")
+    if interpreted_gpu and axis_name is not None and jax.typeof(q).manual_axis_type.varying:
         raise NotImplementedError(
             "the Pallas GPU kernels run in interpret mode on this backend, which JAX cannot run inside "
             "jax.shard_map with check_vma=True: pass check_vma=False to jax.shard_map (or to "

@@ -22,6 +22,7 @@ def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = N
         activation on chip and never write it to HBM; `chunk_size` is their token tile, rounded
         up to what the family accepts (Triton: a power of two in [16, 64]; TPU: a multiple of 16
         up to 256). Interpreted (off their own backend) they are slow, and meant for tests.
+        "pallas_mgpu" names an attention kernel; its feedforward is the Triton one.
     Returns:
       [B, L, D] in x's dtype; gradients in each input's dtype, accumulated in float32.
     """

@@ -29,7 +29,7 @@ ids = jnp.zeros((2, 16), jnp.int32)
         (dict(segment_ids=ids.astype(jnp.float32)), r"segment_ids must have an integer dtype, got float32"),
         (dict(segment_ids=(ids, ids[:, :4])), r"kv_segment_ids must have shape \[B, S\] = \(2, 16\), got \(2, 4\)"),
         (dict(layout="spiral"), r"unknown layout='spiral'; expected one of \('contiguous', 'zigzag'\)"),
-        (dict(impl="cuda"), r"unknown impl='cuda'; expected one of \('auto', 'pallas', 'pallas_triton', 'pallas_tpu', 'xla'\)"),
+        (dict(impl="cuda"), r"unknown impl='cuda'; expected one of \('auto', 'pallas', 'pallas_triton', 'pallas_mgpu', 'pallas_tpu', 'xla'\)"),
         (dict(block_sizes=ring_attn.BlockSizes(block_q=6, block_kv=8)), r"T=16 .* must be divisible by block_q=6"),
         (dict(block_sizes=ring_attn.BlockSizes(block_q=8, block_kv=16), layout="zigzag"), r"S=8 .* must be divisible by block_kv=16"),
         (dict(block_sizes={"block_q": 8}), r"block_sizes must be a ring_attn.BlockSizes or None"),

@@ -1,0 +1,348 @@
+"""Flash attention forward as a Mosaic GPU kernel for Hopper (H100/H200): TMA, mbarriers, wgmma.
+
+The kernel contract of `attention_xla`: float32 `(out, lse)`, global positions as traced
+`q_offset` / `kv_offset` (a small int32 operand, so one compiled kernel serves every ring step),
+causal / sliding-window / segment masking, grouped-query attention with K/V never repeated.
+
+Structure (one CTA per query block x query head x batch element, `plgpu.kernel`):
+- Warp specialisation: `wgs` consumer warpgroups (1 or 2), each owning a query tile of 64 rows
+  (the M of one warpgroup's wgmma), and one producer warpgroup that only issues TMA copies.
+- The producer streams the key/value tiles the block's queries may see through a double buffer
+  in shared memory: K^T and V tiles land in slot `t % 2`, each completion signalled on a
+  per-slot barrier; before refilling a slot it waits on that slot's "consumed" barrier, on which
+  every consumer arrives once it is done with the tile. Copies of the next tile overlap the
+  compute on the current one.
+- Each consumer: QK^T = wgmma(Q tile, K^T tile) into a float32 accumulator, masking, online
+  softmax in base 2 (exp2), P written to shared memory in the input dtype, then
+  wgmma(P, V tile) into float32, rescaled and added to the running output. The result is
+  normalised, staged in shared memory and stored with TMA.
+- Work skipping: the key-tile loop covers only the tiles some query of the block can see (the
+  causal diagonal and the window bound it, per traced offsets); a consumer whose own tile cannot
+  see a loaded tile, or whose query ids share no segment with the tile's key ids (a per-tile-pair
+  table computed outside the kernel), skips its compute with `lax.cond` but still releases the
+  slot. Whole tiles that are masked are therefore never computed.
+- GQA: query head n reads key/value head n // (N // K) by index arithmetic in the TMA source.
+
+Shapes and dtypes. wgmma takes 16-bit operands here: q, k, v must be bfloat16 or float16, with
+float32 accumulation. float32 inputs are rejected with a ValueError rather than rounded to
+bfloat16, because a float32 caller expects float32 accuracy (the project's float32 tolerance is
+1e-4 relative; bfloat16 operands give about 1e-2) and silently losing it would be worse than an
+error; use impl="pallas_triton" for float32. (wgmma's tf32 mode needs both operands K-major, which
+the K^T layout below is not, and would still round to 10 mantissa bits.) The head dim is
+zero-padded to a multiple of 64 (a 128-byte swizzled row of 16-bit values): 64 and 128 run as
+is, 80 runs as 128; head dims above 128 are rejected (shared memory). Query blocks are cut into
+tiles of 64 rows, key blocks into tiles of 128 keys (head dim 64) or 64 keys (head dim 128); a
+caller block that is not a multiple of 64 is zero-padded to one, as `attention_triton` pads to 16.
+
+K is passed to the kernel transposed, [B, K, H, S] (one XLA transpose per call), so that the
+QK^T wgmma reads a plain [H, tk] tile: Mosaic GPU's interpret mode, with which this kernel is
+tested on CPU, cannot apply a transposed view (`plgpu.transpose_ref`) to a wgmma operand. For the
+same reason P goes through shared memory rather than being fed to wgmma from registers, and the
+PV product lands in a fresh accumulator that is added to the running output. Layout casts (which
+interpret mode has no rules for) are applied only when compiling.
+
+The backward is not here: `pallas_kernels.backend` runs the Triton backward kernels
+(`attention_triton.attention_bwd`) after this forward. A Mosaic GPU backward is worth writing only
+where it beats Triton's, which needs a GPU to measure.
+
+This kernel has been verified only in Mosaic GPU interpret mode on CPU and by lowering it for
+CUDA (`jax.export` for an H100, which needs no GPU); it has not yet run on a GPU, so
+`impl="auto"` / `"pallas"` never choose it: ask for it with impl="pallas_mgpu". Interpret mode
+(JAX 0.10) keeps one global simulated GPU and checks its barriers across devices, so kernels
+running at once on several devices of a `shard_map` trip over each other: `ring_attention`
+refuses a ring of more than one device in interpret mode. Compiled for the GPU it lowers with
+Mosaic GPU's lane semantics, the default of JAX 0.10 and the one tested.
+"""
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.attention_triton import (
+    LN2, LOG2E, _kv_range, _offsets, _pad_head, _pad_segment_ids, _Tiling, _typed_alike,
+)
+
+# Rows of one warpgroup's wgmma (its M); also the query tile and the unit of padding.
+WG_ROWS = 64
+# Shared-memory rows are 128 bytes, swizzled: 64 16-bit values, the head-dim and key-tile unit.
+SWIZZLE_BYTES = 128
+HEAD_DIM_UNIT = 64
+MAX_HEAD_DIM = 128
+# Key/value tile elements per shared-memory slot: 128 keys at head dim 64, 64 at head dim 128.
+KV_TILE_ELEMENTS = 128 * 64
+NUM_SLOTS = 2
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def interpret_params():
+    """Mosaic GPU interpret mode's parameters (a private JAX module; imported only when used)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def attention_fwd(
+    q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
+    causal=False, window=None, scale, block_q, block_kv, interpret=None,
+):
+    """q: [B, T, N, H], k/v: [B, S, K, H] (bfloat16 or float16) -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+
+    A query at global position i sees the key at j when causal allows (i >= j), the segment ids
+    match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window. Rows that see
+    no key give out 0 and lse -inf. `interpret`: None compiles for the GPU; True or a
+    `InterpretGPUParams` runs Mosaic GPU's interpret mode on any backend.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    dtype = jnp.result_type(q, k, v)
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"the Mosaic GPU attention kernel takes bfloat16 or float16 q, k and v (wgmma operands), got "
+            f"q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}: cast them, or use impl='pallas_triton' "
+            "for float32"
+        )
+    if H > MAX_HEAD_DIM:
+        raise NotImplementedError(
+            f"the Mosaic GPU attention kernel supports head dims up to {MAX_HEAD_DIM}, got q head dim {H=}"
+        )
+    if isinstance(interpret, bool):
+        interpret = interpret_params() if interpret else None
+    head_dim = -(-H // HEAD_DIM_UNIT) * HEAD_DIM_UNIT
+    q_tiling = _Tiling.make(T, block_q, WG_ROWS, min_tile=WG_ROWS)
+    kv_tiling = _Tiling.make(S, block_kv, KV_TILE_ELEMENTS // head_dim, min_tile=HEAD_DIM_UNIT)
+    q_p = q_tiling.pad(_pad_head(q.astype(dtype), head_dim))
+    k_p = kv_tiling.pad(_pad_head(k.astype(dtype), head_dim))
+    v_p = kv_tiling.pad(_pad_head(v.astype(dtype), head_dim))
+    kt = jnp.transpose(k_p, (0, 2, 3, 1))  # [B, K, H, S]: the QK^T wgmma's B operand tiles
+    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    segments = q_ids is not None
+    table = _segment_table(q_ids, kv_ids, q_tiling, kv_tiling) if segments else None
+    operands = (q_p, kt, v_p, q_ids, kv_ids, table, _offsets(q_offset, kv_offset))
+    operands, out_type = _typed_alike(operands)
+    # Two consumer warpgroups per CTA when the query tiles pair up, else one.
+    wgs = 2 if q_tiling.num_tiles % 2 == 0 else 1
+    call = _fwd_call(
+        B=B, N=N, K=K, head_dim=head_dim, dtype=dtype, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs,
+        causal=causal, window=window, scale=scale, segments=segments, out_type=out_type, interpret=interpret,
+    )
+    out, lse = call(*(x for x in operands if x is not None))
+    return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
+
+
+def _segment_table(q_ids, kv_ids, q_tiling, kv_tiling):
+    """int32 [B, query tiles, key tiles]: 1 where the tiles' id ranges overlap (exact for the
+    sorted ids that packing produces; padding repeats the edge id, so ranges are unchanged)."""
+    B = q_ids.shape[0]
+    q_t = q_ids.reshape(B, q_tiling.num_tiles, q_tiling.tile)
+    kv_t = kv_ids.reshape(B, kv_tiling.num_tiles, kv_tiling.tile)
+    q_min, q_max = q_t.min(-1)[:, :, None], q_t.max(-1)[:, :, None]
+    kv_min, kv_max = kv_t.min(-1)[:, None, :], kv_t.max(-1)[:, None, :]
+    return ((q_min <= kv_max) & (kv_min <= q_max)).astype(jnp.int32)
+
+
+def _fwd_call(
+    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, wgs, causal, window, scale, segments, out_type, interpret,
+):
+    tq, tk = WG_ROWS, kv_tiling.tile
+    T_p = q_tiling.padded_length
+    swizzled = (plgpu.TilingTransform((8, SWIZZLE_BYTES // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
+    scratch = dict(
+        q_smem=plgpu.SMEM((wgs, tq, head_dim), dtype, transforms=swizzled),
+        kt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tk), dtype, transforms=swizzled),
+        v_smem=plgpu.SMEM((NUM_SLOTS, tk, head_dim), dtype, transforms=swizzled),
+        p_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
+        o_smem=plgpu.SMEM((wgs, tq, head_dim), jnp.float32),
+        lse_smem=plgpu.SMEM((wgs, tq), jnp.float32),
+        q_ready=plgpu.Barrier(num_barriers=wgs),
+        k_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
+        v_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
+        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=NUM_SLOTS),
+    )
+    body = functools.partial(
+        _fwd_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
+        causal=causal, window=window, scale=scale, segments=segments, compiled=interpret is None,
+    )
+    out_shape = (
+        jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
+        jax.ShapeDtypeStruct((B, N, T_p), jnp.float32, manual_axis_type=out_type),
+    )
+    return plgpu.kernel(
+        body,
+        out_type=out_shape,
+        scratch_types=scratch,
+        grid=(q_tiling.num_tiles // wgs, N, B),
+        grid_names=("q", "heads", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        # Lane lowering, as verified with JAX 0.10 (JAX 0.11 makes warpgroup lowering the default).
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret,
+        kernel_name="ring_attn_fwd_mgpu",
+    )
+
+
+def _load(ref, *, layout):
+    """`plgpu.load` of a whole (already indexed) ref, uncoalesced where need be: JAX 0.10 requires
+    the separate index argument, which JAX 0.11 deprecates."""
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _first_row(tiling, i):
+    """(local position of tile i's first row, number of real rows in it); i may be traced."""
+    start = i * tiling.tile
+    if not tiling.is_padded:
+        return start, tiling.tile
+    within = lax.rem(start, tiling.padded)
+    return lax.div(start, tiling.padded) * tiling.block + within, jnp.minimum(tiling.tile, tiling.block - within)
+
+
+def _fwd_body(
+    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, segments, compiled,
+    q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, q_ready, k_ready, v_ready, consumed,
+):
+    if segments:
+        q_ref, kt_ref, v_ref, q_ids_ref, kv_ids_ref, table_ref, offsets_ref, o_ref, lse_ref = refs
+    else:
+        q_ref, kt_ref, v_ref, offsets_ref, o_ref, lse_ref = refs
+    tq, tk = WG_ROWS, kv_tiling.tile
+    head_dim = q_smem.shape[-1]
+
+    def layout(x, to):
+        # Interpret mode has no register layouts (and no rule for layout_cast).
+        return plgpu.layout_cast(x, to) if compiled else x
+
+    def load_ids(ref, idx, to):
+        """Segment ids from global memory straight into registers of layout `to` (not a TMA:
+        the ids are small, and read once per tile)."""
+        return _load(ref.at[idx], layout=to) if compiled else ref[idx]
+
+    rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    b, n, block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    wg = lax.axis_index("wg")
+    kv_head = lax.div(n, jnp.int32(groups))
+    q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
+
+    def kv_tiles(i):
+        """[lo, hi) key tiles some query of query tile i may see; also its first position, rows."""
+        first, count = _first_row(q_tiling, i)
+        q_first = q_offset + first
+        lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+        return lo, hi, q_first, count
+
+    # The tiles loaded for the whole block: from its first query tile's lower bound to its
+    # last one's upper bound (both bounds grow with the position).
+    lo, _, _, _ = kv_tiles(block * wgs)
+    _, hi, _, _ = kv_tiles(block * wgs + wgs - 1)
+    steps = jnp.maximum(hi - lo, 0)
+
+    @pl.when(wg == wgs)
+    def _producer():
+        def load(t, carry):
+            slot = lax.rem(t, NUM_SLOTS)
+
+            @pl.when(t >= NUM_SLOTS)
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+
+            keys = pl.ds((lo + t) * tk, tk)
+            plgpu.copy_gmem_to_smem(kt_ref.at[b, kv_head, :, keys], kt_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+            return carry
+
+        lax.fori_loop(0, steps, load, 0)
+
+        # Take the consumers' last releases too, so that every barrier completion is awaited.
+        def drain(t, carry):
+            plgpu.barrier_wait(consumed.at[lax.rem(t, NUM_SLOTS)])
+            return carry
+
+        lax.fori_loop(jnp.maximum(steps - NUM_SLOTS, 0), steps, drain, 0)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+        i = block * wgs + wg
+        my_lo, my_hi, q_first, q_count = kv_tiles(i)
+        q_rows = pl.ds(i * tq, tq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, n], q_smem.at[wg], q_ready.at[wg])
+        q_ids = load_ids(q_ids_ref, (b, q_rows), rows_layout) if segments else None
+        row = layout(lax.broadcasted_iota(jnp.int32, (tq, tk), 0), plgpu.Layout.WGMMA)
+        col = layout(lax.broadcasted_iota(jnp.int32, (tq, tk), 1), plgpu.Layout.WGMMA)
+
+        def mask_for(j):
+            """[tq, tk] bool of visible (query, key) pairs of key tile j, or None if all are."""
+            kv_start, kv_count = _first_row(kv_tiling, j)
+            masks = []
+            if causal or window is not None:
+                distance = (q_first - kv_offset - kv_start) + row - col
+            if causal:
+                masks.append(distance >= 0)
+            if window is not None:
+                masks.append(distance < window if causal else jnp.abs(distance) < window)
+            if segments:
+                kv_ids = load_ids(kv_ids_ref, (b, pl.ds(j * tk, tk)), cols_layout)
+                q_b = lax.broadcast_in_dim(q_ids, (tq, tk), [0])
+                masks.append(q_b == lax.broadcast_in_dim(kv_ids, (tq, tk), [1]))
+            if q_tiling.is_padded:
+                masks.append(row < q_count)
+            if kv_tiling.is_padded:
+                masks.append(col < kv_count)
+            return functools.reduce(jnp.logical_and, masks) if masks else None
+
+        def matmul(a_smem, b_smem, shape):
+            def run(acc_ref):
+                plgpu.wgmma(acc_ref, a_smem, b_smem)
+                return acc_ref[...]
+
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def compute(slot, j, carry):
+            acc, m, l = carry
+            s = matmul(q_smem.at[wg], kt_smem.at[slot], (tq, tk)) * (scale * LOG2E)
+            mask = mask_for(j)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (tq, tk), [0]))
+            alpha = jnp.exp2(m - m_safe)
+            l = alpha * l + p.sum(axis=1)
+            p_smem.at[wg][...] = p.astype(dtype)
+            plgpu.commit_smem()  # make the stores visible to wgmma
+            pv = matmul(p_smem.at[wg], v_smem.at[slot], (tq, head_dim))
+            return acc * lax.broadcast_in_dim(alpha, (tq, head_dim), [0]) + pv, m_new, l
+
+        def step(t, carry):
+            slot = lax.rem(t, NUM_SLOTS)
+            j = lo + t
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            visible = (j >= my_lo) & (j < my_hi)
+            if segments:
+                visible = visible & (table_ref[b, i, j] != 0)
+            carry = lax.cond(visible, functools.partial(compute, slot, j), lambda c: c, carry)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return carry
+
+        acc = layout(jnp.zeros((tq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m = layout(jnp.full((tq,), -jnp.inf, jnp.float32), rows_layout)
+        l = layout(jnp.zeros((tq,), jnp.float32), rows_layout)
+        plgpu.barrier_wait(q_ready.at[wg])
+        acc, m, l = lax.fori_loop(0, steps, step, (acc, m, l))
+
+        seen = l > 0.0
+        l_safe = jnp.where(seen, l, 1.0)
+        inv = jnp.where(seen, 1.0 / l_safe, 0.0)
+        o_smem.at[wg][...] = acc * lax.broadcast_in_dim(inv, (tq, head_dim), [0])
+        lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, q_rows, n])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, n, q_rows])
+        plgpu.wait_smem_to_gmem(0)
