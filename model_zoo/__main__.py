@@ -69,6 +69,7 @@ def build_parser():
     train.add_argument("--batch-size", type=_positive_int, default=8)
     train.add_argument("--learning-rate", type=float, default=3e-3)
     train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
+    train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--mesh", type=_mesh, default=(("sp", -1),), help="axis sizes, e.g. dp=2,sp=4 (default sp=all)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,7 +132,7 @@ def _train(args):
     model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)))
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        needle_fraction=args.needle_fraction, seed=args.seed, save_every=args.save_every,
+        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, seed=args.seed, save_every=args.save_every,
         keep_checkpoints=args.keep, mesh=args.mesh,
     )
     _check_same_run(args.workdir, cfg)

@@ -1,8 +1,12 @@
 """Training batches: documents packed into fixed rows with segment ids, restarted positions and a loss mask.
 
 A batch is a pure function of (seed, step, shape): a resumed run sees exactly the batches it would have.
-The mix: slices of the embedded corpus (every token trained on) and needle-retrieval examples (a
-number hidden in corpus text, asked for at the end; only the answer is trained on).
+The mix: slices of the embedded corpus (every token trained on), needle-retrieval examples (a
+number hidden in corpus text, asked for at the end; only the answer is trained on) and repeated
+passages (a corpus slice, then the same slice again; every token trained on; off by default). A
+repeat trains copying from context, the mechanism (an induction head) that answering a needle
+question needs: each token of the second copy is predictable by finding its place in the first,
+a signal on hundreds of tokens per row where a needle question gives eight.
 """
 
 import dataclasses
@@ -67,16 +71,32 @@ def _text_document(rng, haystack, length, tokenizer):
     return ids, [1] * length
 
 
+def _repeat_document(rng, haystack, length, tokenizer):
+    half = (length - 1) // 2
+    start = int(rng.integers(0, len(haystack) - half))
+    passage = list(haystack[start : start + half])
+    ids = [tokenizer.bos_id] + passage + passage
+    return ids, [1] * len(ids)
+
+
 def _needle_document(rng, length, tokenizer, haystack):
     """At most `length` tokens: the prompt leaves room for the longest answer (one number and eos)."""
     example = needle_example(rng, length - ANSWER_ROOM, tokenizer=tokenizer, haystack=haystack)
     return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
 
 
-def packed_batch(seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, tokenizer=None):
+def packed_batch(
+    seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, tokenizer=None
+):
     """The batch for `step`: int32 arrays [batch_size, seq_len] of inputs, targets, segment_ids,
     positions and float32 loss_mask. Segment 0 is padding (masked out); documents are 1, 2, ...
+    A row holds needle documents with probability `needle_fraction`, repeated passages with
+    `repeat_fraction`, corpus text otherwise.
     """
+    if not (needle_fraction >= 0 and repeat_fraction >= 0 and needle_fraction + repeat_fraction <= 1):
+        raise ValueError(
+            f"needle_fraction={needle_fraction!r} and repeat_fraction={repeat_fraction!r} must be >= 0 with a sum <= 1"
+        )
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
     rng = np.random.default_rng([seed, step, seq_len])
@@ -86,7 +106,9 @@ def packed_batch(seed: int, step: int, *, batch_size: int, seq_len: int, needle_
     for row in range(batch_size):
         # A row holds one kind of document, so per-row loss normalisation weighs retrieval
         # (a few answer tokens per document) as much as language modelling.
-        needles = rng.random() < needle_fraction and seq_len >= MIN_NEEDLE
+        kind = rng.random()
+        needles = kind < needle_fraction and seq_len >= MIN_NEEDLE
+        document = _repeat_document if needle_fraction <= kind < needle_fraction + repeat_fraction else _text_document
         used, segment = 0, 0
         while seq_len - used >= (MIN_NEEDLE if needles else MIN_DOCUMENT):
             room = seq_len - used
@@ -94,7 +116,7 @@ def packed_batch(seed: int, step: int, *, batch_size: int, seq_len: int, needle_
             if needles:
                 ids, mask = _needle_document(rng, length + 1, tokenizer, haystack)
             else:
-                ids, mask = _text_document(rng, haystack, length + 1, tokenizer)
+                ids, mask = document(rng, haystack, length + 1, tokenizer)
             n = len(ids) - 1  # next-token pairs
             segment += 1
             cols = slice(used, used + n)

@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     needle_fraction: float = 0.5
+    repeat_fraction: float = 0.0
     seed: int = 0
     save_every: int = 50
     keep_checkpoints: int = 3
@@ -69,8 +70,11 @@ class TrainConfig:
         check_positive_ints(self, "batch_size", "save_every", "keep_checkpoints")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
-        if not 0 <= self.needle_fraction <= 1:
-            raise ValueError(f"needle_fraction must be in [0, 1], got {self.needle_fraction!r}")
+        if not (self.needle_fraction >= 0 and self.repeat_fraction >= 0 and self.needle_fraction + self.repeat_fraction <= 1):
+            raise ValueError(
+                f"needle_fraction={self.needle_fraction!r} and repeat_fraction={self.repeat_fraction!r} "
+                "must be >= 0 with a sum <= 1"
+            )
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
             raise ValueError(
@@ -188,7 +192,8 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
                 steps_by_stage[index] = _train_step(tx, model_config)
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
-                cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction
+                cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
+                repeat_fraction=cfg.repeat_fraction,
             )
             tokens = int(np.count_nonzero(host_batch["segment_ids"]))
             batch = jax.device_put(host_batch, batch_sharding(mesh))

@@ -51,6 +51,19 @@ def test_needle_rows_train_only_on_the_answer():
             assert mask[idx][-1] == 1 and mask[idx].sum() == 9  # a space, 7 digits, the end of sequence
 
 
+def test_repeat_rows_hold_a_passage_twice_and_train_on_every_token():
+    batch = packed_batch(2, 0, batch_size=4, seq_len=256, needle_fraction=0.0, repeat_fraction=1.0)
+    for row in range(4):
+        seg, mask = batch["segment_ids"][row], batch["loss_mask"][row]
+        assert np.array_equal(mask, (seg > 0).astype(np.float32))
+        for s in np.unique(seg[seg > 0]):
+            ids = batch["targets"][row, seg == s]  # the document after its bos
+            half = len(ids) // 2
+            assert len(ids) == 2 * half >= 14 and np.array_equal(ids[:half], ids[half:])
+    with pytest.raises(ValueError, match="needle_fraction=0.6 and repeat_fraction=0.5 must be >= 0 with a sum <= 1"):
+        packed_batch(0, 0, batch_size=1, seq_len=128, needle_fraction=0.6, repeat_fraction=0.5)
+
+
 def test_batches_are_a_function_of_seed_and_step():
     a, b = packed_batch(0, 5, batch_size=2, seq_len=128), packed_batch(0, 5, batch_size=2, seq_len=128)
     assert all(np.array_equal(a[k], b[k]) for k in a)
