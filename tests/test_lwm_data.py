@@ -7,7 +7,8 @@ import pytest
 from model_zoo.corpus import CITIES, corpus_documents
 from model_zoo.data import needle_example, packed_batch
 from model_zoo.tokenizer import Tokenizer, default_tokenizer
-from model_zoo.train import _row_normalised, loss_fn
+from model_zoo import TINY
+from model_zoo.train import TrainConfig, _row_normalised, loss_fn
 
 
 def test_tokenizer_round_trips_the_corpus_and_other_text():
@@ -62,6 +63,8 @@ def test_repeat_rows_hold_a_passage_twice_and_train_on_every_token():
             assert len(ids) == 2 * half >= 14 and np.array_equal(ids[:half], ids[half:])
     with pytest.raises(ValueError, match="needle_fraction=0.6 and repeat_fraction=0.5 must be >= 0 with a sum <= 1"):
         packed_batch(0, 0, batch_size=1, seq_len=128, needle_fraction=0.6, repeat_fraction=0.5)
+    with pytest.raises(ValueError, match="needle_fraction=0.5 and repeat_fraction=-0.1 must be >= 0"):
+        TrainConfig(model=TINY, repeat_fraction=-0.1)
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -104,7 +107,7 @@ def test_text_and_vision_losses_weigh_half_each():
     """The loss with both kinds of target is the mean of the text-only and vision-only losses."""
     import jax
 
-    from model_zoo import TINY, init_params
+    from model_zoo import init_params
 
     config = TINY.replace(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                           num_kv_heads=2, vision=True)
