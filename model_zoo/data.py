@@ -79,10 +79,18 @@ def _repeat_document(rng, haystack, length, tokenizer):
     return ids, [1] * len(ids)
 
 
-def _needle_document(rng, length, tokenizer, haystack):
+def _needle_document(rng, haystack, length, tokenizer):
     """At most `length` tokens: the prompt leaves room for the longest answer (one number and eos)."""
     example = needle_example(rng, length - ANSWER_ROOM, tokenizer=tokenizer, haystack=haystack)
     return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
+
+
+def check_row_fractions(needle_fraction, repeat_fraction):
+    """The shares of needle and repeated-passage rows: each >= 0, together <= 1."""
+    if not (needle_fraction >= 0 and repeat_fraction >= 0 and needle_fraction + repeat_fraction <= 1):
+        raise ValueError(
+            f"needle_fraction={needle_fraction!r} and repeat_fraction={repeat_fraction!r} must be >= 0 with a sum <= 1"
+        )
 
 
 def packed_batch(
@@ -93,10 +101,7 @@ def packed_batch(
     A row holds needle documents with probability `needle_fraction`, repeated passages with
     `repeat_fraction`, corpus text otherwise.
     """
-    if not (needle_fraction >= 0 and repeat_fraction >= 0 and needle_fraction + repeat_fraction <= 1):
-        raise ValueError(
-            f"needle_fraction={needle_fraction!r} and repeat_fraction={repeat_fraction!r} must be >= 0 with a sum <= 1"
-        )
+    check_row_fractions(needle_fraction, repeat_fraction)
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
     rng = np.random.default_rng([seed, step, seq_len])
@@ -107,16 +112,16 @@ def packed_batch(
         # A row holds one kind of document, so per-row loss normalisation weighs retrieval
         # (a few answer tokens per document) as much as language modelling.
         kind = rng.random()
-        needles = kind < needle_fraction and seq_len >= MIN_NEEDLE
-        document = _repeat_document if needle_fraction <= kind < needle_fraction + repeat_fraction else _text_document
+        if kind < needle_fraction and seq_len >= MIN_NEEDLE:
+            document, shortest = _needle_document, MIN_NEEDLE
+        elif needle_fraction <= kind < needle_fraction + repeat_fraction:
+            document, shortest = _repeat_document, MIN_DOCUMENT
+        else:
+            document, shortest = _text_document, MIN_DOCUMENT
         used, segment = 0, 0
-        while seq_len - used >= (MIN_NEEDLE if needles else MIN_DOCUMENT):
-            room = seq_len - used
-            length = min(room, int(rng.integers(MIN_NEEDLE if needles else MIN_DOCUMENT, seq_len + 1)))
-            if needles:
-                ids, mask = _needle_document(rng, length + 1, tokenizer, haystack)
-            else:
-                ids, mask = document(rng, haystack, length + 1, tokenizer)
+        while seq_len - used >= shortest:
+            length = min(seq_len - used, int(rng.integers(shortest, seq_len + 1)))
+            ids, mask = document(rng, haystack, length + 1, tokenizer)
             n = len(ids) - 1  # next-token pairs
             segment += 1
             cols = slice(used, used + n)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from model_zoo.checkpoint import Checkpoints
 from model_zoo.config import LWMConfig, check_positive_ints
-from model_zoo.data import packed_batch
+from model_zoo.data import check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
 from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
 
@@ -70,11 +70,7 @@ class TrainConfig:
         check_positive_ints(self, "batch_size", "save_every", "keep_checkpoints")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
-        if not (self.needle_fraction >= 0 and self.repeat_fraction >= 0 and self.needle_fraction + self.repeat_fraction <= 1):
-            raise ValueError(
-                f"needle_fraction={self.needle_fraction!r} and repeat_fraction={self.repeat_fraction!r} "
-                "must be >= 0 with a sum <= 1"
-            )
+        check_row_fractions(self.needle_fraction, self.repeat_fraction)
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
             raise ValueError(
