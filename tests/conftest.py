@@ -79,6 +79,14 @@ def oracle(q, k, v, d_out, **kwargs):
         return np.asarray(out), tuple(np.asarray(g) for g in grads)
 
 
+def oracle_with_lse(q, k, v, **kwargs):
+    """float64 reference (out, lse) of `reference.attention_with_lse`."""
+    with jax.enable_x64(True):
+        args = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
+        out, lse = reference.attention_with_lse(*args, dtype=jnp.float64, **kwargs)
+        return np.asarray(out), np.asarray(lse)
+
+
 def output_and_grads(fn, q, k, v, d_out, compiler_options=None):
     """fn(q, k, v) and its gradients for cotangent d_out, in one jitted call."""
 

@@ -6,17 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_qkv, random_segments
+from conftest import assert_close, oracle_with_lse, random_qkv, random_segments
 
 import pallas_kernels
 import reference
-
-
-def oracle_with_lse(q, k, v, **kwargs):
-    with jax.enable_x64(True):
-        args = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
-        out, lse = reference.attention_with_lse(*args, dtype=jnp.float64, **kwargs)
-        return np.asarray(out), np.asarray(lse)
 
 
 CASES = [

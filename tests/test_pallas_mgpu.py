@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, assert_matches_oracle, random_qkv, random_segments, ring_mesh
+from conftest import assert_close, assert_matches_oracle, oracle_with_lse, random_qkv, random_segments, ring_mesh
 from jax.sharding import PartitionSpec
 
-import reference
 import ring_attn
 from pallas_kernels import attention_mgpu, backend
 
@@ -58,15 +57,9 @@ def forward(*, causal, window, block_q, block_kv):
     return run
 
 
-def oracle(q, k, v, *, causal, window, q_ids, kv_ids, q_offset, kv_offset):
+def oracle(q, k, v, *, q_ids, kv_ids, **masking):
     """float64 (out, lse)."""
-    with jax.enable_x64(True):
-        q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
-        out, lse = reference.attention_with_lse(
-            q, k, v, causal=causal, window=window, scale=SCALE, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
-            q_offset=q_offset, kv_offset=kv_offset, dtype=jnp.float64,
-        )
-        return np.asarray(out), np.asarray(lse)
+    return oracle_with_lse(q, k, v, scale=SCALE, q_segment_ids=q_ids, kv_segment_ids=kv_ids, **masking)
 
 
 def assert_forward_matches(out, lse, expected):
