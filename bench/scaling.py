@@ -167,6 +167,7 @@ def flops(runs, max_length):
     """Achieved FLOP/s of the ring forward and forward+backward against measured ceilings, with
     `ringattention` 0.1.2 on the ring of 8 and one-device XLA attention in the same run."""
     from compare_ringattention import peer_fn
+    from compare_ringattention import train_step as gradients_of
 
     matmul, copy = matmul_ceiling(runs), copy_ceiling(runs)
     rows = []
@@ -190,8 +191,7 @@ def flops(runs, max_length):
                 measure("ring_attn", L, R, causal, forward(mesh, **kwargs), train_step(mesh, **kwargs), args)
             mesh = mesh_of(8)
             peer = peer_fn(mesh, causal, min(PEER_CHUNK, L // 8))
-            measure("ringattention", L, 8, causal, lambda q, k, v, d: peer(q, k, v),
-                    jax.grad(lambda q, k, v, d: jnp.sum(peer(q, k, v) * d), argnums=(0, 1, 2)), inputs(L, mesh))
+            measure("ringattention", L, 8, causal, lambda q, k, v, d: peer(q, k, v), gradients_of(peer), inputs(L, mesh))
         print(f"L={L} done", flush=True)
     dense = []
     for L in (L for L in LENGTHS if L <= min(max_length, DENSE_UP_TO)):
