@@ -71,6 +71,8 @@ def build_parser():
     train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
     train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init-from", type=pathlib.Path,
+                       help="start from the parameters of this workdir or model folder (fresh optimizer and schedule)")
     train.add_argument("--mesh", type=_mesh, default=(("sp", -1),), help="axis sizes, e.g. dp=2,sp=4 (default sp=all)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -133,7 +135,7 @@ def _train(args):
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
         needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, seed=args.seed, save_every=args.save_every,
-        keep_checkpoints=args.keep, mesh=args.mesh,
+        keep_checkpoints=args.keep, mesh=args.mesh, init_from=str(args.init_from) if args.init_from else None,
     )
     _check_same_run(args.workdir, cfg)
     train(cfg, args.workdir, progress=not args.no_progress)

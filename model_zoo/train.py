@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from model_zoo.checkpoint import Checkpoints
+from model_zoo.checkpoint import Checkpoints, load_model
 from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
@@ -63,6 +63,7 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     mesh: tuple = (("sp", -1),)  # mesh axis sizes, see model_zoo.sharding.make_mesh
+    init_from: str | None = None  # a workdir or model folder whose parameters start a fresh run
 
     def __post_init__(self):
         if not self.stages:
@@ -168,11 +169,26 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
         if restored is not None:
             start, state, _ = restored
             print(f"resuming from the checkpoint at step {start} in {checkpoints.directory}")
+        elif cfg.init_from is not None:
+            state = dict(state, params=_initial_params(cfg, mesh, state["params"]))
+            state["opt_state"] = jax.jit(make_optimizer(cfg).init)(state["params"])
+            print(f"starting from the parameters in {cfg.init_from}")
         _keep_metrics_before(metrics_path, start)
         state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress)
     checkpoints.close()
     plot_losses(metrics_path, workdir / "loss.png", cfg)
     return state
+
+
+def _initial_params(cfg, mesh, template):
+    """The parameters of `cfg.init_from`, as LWM starts each context stage from the one before it.
+    Only their shapes must match the model's (rope_theta and the context length may differ)."""
+    _, params = load_model(cfg.init_from, mesh=mesh)
+    shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+    expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), template)
+    if shapes != expected:
+        raise ValueError(f"init_from={cfg.init_from!r} holds parameters of other shapes than the model {cfg.model}")
+    return params
 
 
 def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):

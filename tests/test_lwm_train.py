@@ -1,6 +1,8 @@
 """Training reliability: a SIGKILLed run resumes to the same losses bit for bit, a damaged checkpoint
-is reported and skipped, a NaN loss stops the run with its step, bad settings are named."""
+is reported and skipped, a NaN loss stops the run with its step, a run starts from another's
+parameters, bad settings are named."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,11 +12,13 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from model_zoo import TINY
 from model_zoo.__main__ import main
-from model_zoo.train import Stage, TrainConfig, TrainingError, read_metrics, train
+from model_zoo.data import packed_batch
+from model_zoo.train import Stage, TrainConfig, TrainingError, loss_fn, read_metrics, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,6 +90,23 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("dp", 2), ("sp", 4)))
     with pytest.raises(TrainingError, match=r"step 0 \(stage 1, 32 tokens\): loss is nan"):
         train(cfg, tmp_path, progress=False)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
+    model = TINY.replace(num_layers=1)
+    first = TrainConfig(model=model, stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("sp", 4),))
+    trained = jax.device_get(train(first, tmp_path / "first", progress=False)["params"])
+    # A longer context, another theta and other data: the next stage of a progressive run.
+    second = dataclasses.replace(first, stages=(Stage(64, 1e5, 1),), seed=3, init_from=str(tmp_path / "first"))
+    train(second, tmp_path / "second", progress=False)
+    [record] = read_metrics(tmp_path / "second" / "metrics.jsonl")
+    batch = packed_batch(3, 0, batch_size=2, seq_len=64)
+    expected = loss_fn(trained, batch, model.replace(rope_theta=1e5))  # the loss is taken before the update
+    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+
+    wider = dataclasses.replace(second, model=model.replace(num_layers=2))
+    with pytest.raises(ValueError, match="init_from=.*first' holds parameters of other shapes than the model"):
+        train(wider, tmp_path / "third", progress=False)
 
 
 def test_bad_settings_are_named(tmp_path, capsys):
