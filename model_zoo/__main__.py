@@ -70,6 +70,8 @@ def build_parser():
     train.add_argument("--learning-rate", type=float, default=3e-3)
     train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
     train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
+    train.add_argument("--max-needles", type=_positive_int, default=1,
+                       help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init-from", type=pathlib.Path,
                        help="start from the parameters of this workdir or model folder (fresh optimizer and schedule)")
@@ -134,8 +136,8 @@ def _train(args):
     model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)))
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, seed=args.seed, save_every=args.save_every,
-        keep_checkpoints=args.keep, mesh=args.mesh, init_from=str(args.init_from) if args.init_from else None,
+        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, max_needles=args.max_needles,
+        seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh, init_from=str(args.init_from) if args.init_from else None,
     )
     _check_same_run(args.workdir, cfg)
     train(cfg, args.workdir, progress=not args.no_progress)
@@ -161,7 +163,9 @@ def _check_same_run(workdir, cfg):
     path = workdir / "run.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        # A setting newer than the saved run counts as unchanged at its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k, defaults.get(k)))
         if changed:
             raise ValueError(f"{workdir} holds a run with different settings ({', '.join(changed)}); "
                              "use the same command to resume, or a new --workdir")

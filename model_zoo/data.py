@@ -20,6 +20,7 @@ from model_zoo.tokenizer import Tokenizer, default_tokenizer
 MIN_DOCUMENT = 16  # shorter leftovers at a row's end are padding
 MIN_NEEDLE = 96  # room for the template, a needle, the question and the answer
 ANSWER_ROOM = 12  # tokens per asked number: " " + 7 digits + eos, with margin
+EXTRA_NEEDLE_ROOM = 64  # tokens for one more needle, its question and its answer, with margin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,9 @@ def needle_example(rng, context_len, *, depth=None, num_needles=1, num_asked=1, 
     start = int(rng.integers(0, len(haystack) - filler))
     text = list(haystack[start : start + filler])
     depths = [depth] * num_needles if depth is not None else sorted(rng.random(num_needles))
-    for needle, d in sorted(zip(needles, depths), key=lambda nd: -nd[1]):  # deepest first keeps indices valid
-        cut = int(round(d * len(text)))
+    # Cut points in the haystack alone, filled deepest first so that no needle lands inside another.
+    cuts = [int(round(d * len(text))) for d in depths]
+    for needle, cut in sorted(zip(needles, cuts), key=lambda nc: -nc[1]):
         text[cut:cut] = needle
     answer = tokenizer.encode(" " + ", ".join(numbers[i] for i in asked)) + [tokenizer.eos_id]
     return NeedleExample(frame[0] + text + frame[1], answer, tuple(numbers[i] for i in asked))
@@ -79,9 +81,14 @@ def _repeat_document(rng, haystack, length, tokenizer):
     return ids, [1] * len(ids)
 
 
-def _needle_document(rng, haystack, length, tokenizer):
-    """At most `length` tokens: the prompt leaves room for the longest answer (one number and eos)."""
-    example = needle_example(rng, length - ANSWER_ROOM, tokenizer=tokenizer, haystack=haystack)
+def _needle_document(rng, haystack, length, tokenizer, max_needles=1):
+    """At most `length` tokens: the prompt leaves room for the longest answer. With `max_needles`
+    > 1, 1..max_needles needles (as many as fit) are hidden and all are asked for."""
+    count = 1
+    if max_needles > 1:
+        count = int(rng.integers(1, min(max_needles, 1 + (length - MIN_NEEDLE) // EXTRA_NEEDLE_ROOM) + 1))
+    example = needle_example(rng, length - count * ANSWER_ROOM, num_needles=count, num_asked=count,
+                             tokenizer=tokenizer, haystack=haystack)
     return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
 
 
@@ -93,15 +100,22 @@ def check_row_fractions(needle_fraction, repeat_fraction):
         )
 
 
+def check_max_needles(max_needles):
+    if isinstance(max_needles, bool) or not isinstance(max_needles, int) or max_needles < 1:
+        raise ValueError(f"max_needles must be a positive int, got {max_needles!r}")
+
+
 def packed_batch(
-    seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, tokenizer=None
+    seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, max_needles=1,
+    tokenizer=None,
 ):
     """The batch for `step`: int32 arrays [batch_size, seq_len] of inputs, targets, segment_ids,
     positions and float32 loss_mask. Segment 0 is padding (masked out); documents are 1, 2, ...
-    A row holds needle documents with probability `needle_fraction`, repeated passages with
-    `repeat_fraction`, corpus text otherwise.
+    A row holds needle documents with probability `needle_fraction` (each with up to `max_needles`
+    needles, all asked for), repeated passages with `repeat_fraction`, corpus text otherwise.
     """
     check_row_fractions(needle_fraction, repeat_fraction)
+    check_max_needles(max_needles)
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
     rng = np.random.default_rng([seed, step, seq_len])
@@ -113,7 +127,7 @@ def packed_batch(
         # (a few answer tokens per document) as much as language modelling.
         kind = rng.random()
         if kind < needle_fraction and seq_len >= MIN_NEEDLE:
-            document, shortest = _needle_document, MIN_NEEDLE
+            document, shortest = functools.partial(_needle_document, max_needles=max_needles), MIN_NEEDLE
         elif needle_fraction <= kind < needle_fraction + repeat_fraction:
             document, shortest = _repeat_document, MIN_DOCUMENT
         else:

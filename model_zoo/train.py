@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from model_zoo.checkpoint import Checkpoints, load_model
 from model_zoo.config import LWMConfig, check_positive_ints
-from model_zoo.data import check_row_fractions, packed_batch
+from model_zoo.data import check_max_needles, check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
 from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
 
@@ -59,6 +59,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     needle_fraction: float = 0.5
     repeat_fraction: float = 0.0
+    max_needles: int = 1  # needles per training document, all asked for (1..max_needles)
     seed: int = 0
     save_every: int = 50
     keep_checkpoints: int = 3
@@ -72,6 +73,7 @@ class TrainConfig:
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         check_row_fractions(self.needle_fraction, self.repeat_fraction)
+        check_max_needles(self.max_needles)
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
             raise ValueError(
@@ -205,7 +207,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
                 cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
-                repeat_fraction=cfg.repeat_fraction,
+                repeat_fraction=cfg.repeat_fraction, max_needles=cfg.max_needles,
             )
             tokens = int(np.count_nonzero(host_batch["segment_ids"]))
             batch = jax.device_put(host_batch, batch_sharding(mesh))

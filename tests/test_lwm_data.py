@@ -52,6 +52,30 @@ def test_needle_rows_train_only_on_the_answer():
             assert mask[idx][-1] == 1 and mask[idx].sum() == 9  # a space, 7 digits, the end of sequence
 
 
+def test_multi_needle_rows_ask_for_every_needle():
+    tokenizer = default_tokenizer()
+    batch = packed_batch(4, 0, batch_size=8, seq_len=512, needle_fraction=1.0, max_needles=3)
+    counts = []
+    for row in range(8):
+        seg, mask = batch["segment_ids"][row], batch["loss_mask"][row]
+        for s in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s)
+            numbers = tokenizer.decode(batch["targets"][row, idx][mask[idx] > 0]).strip().split(", ")
+            prompt = tokenizer.decode(batch["inputs"][row, idx][: int(np.argmax(mask[idx])) + 1])
+            assert prompt.count("number is: ") == prompt.count("What is the special magic") == len(numbers)
+            for number in numbers:
+                assert len(number) == 7 and number.isdigit() and f"number is: {number}." in prompt
+            counts.append(len(numbers))
+    assert set(counts) == {1, 2, 3}, counts
+    # The default is one needle, drawn exactly as before the option existed.
+    one, default = packed_batch(4, 0, batch_size=8, seq_len=512, max_needles=1), packed_batch(4, 0, batch_size=8, seq_len=512)
+    assert all(np.array_equal(one[k], default[k]) for k in one)
+    with pytest.raises(ValueError, match="max_needles must be a positive int, got 0"):
+        packed_batch(0, 0, batch_size=1, seq_len=128, max_needles=0)
+    with pytest.raises(ValueError, match="max_needles must be a positive int, got 2.0"):
+        TrainConfig(model=TINY, max_needles=2.0)
+
+
 def test_repeat_rows_hold_a_passage_twice_and_train_on_every_token():
     batch = packed_batch(2, 0, batch_size=4, seq_len=256, needle_fraction=0.0, repeat_fraction=1.0)
     for row in range(4):
