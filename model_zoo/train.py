@@ -229,7 +229,9 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
             bar.update()
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.total_steps or done == _stage_end(cfg, index):
-                checkpoints.save(done, state, {"stage": index, "data_seed": cfg.seed, "model": cfg.model.to_dict()})
+                # The config as this stage trains it (its rope_theta), which generation must use.
+                trained_as = cfg.model.replace(rope_theta=stage.rope_theta)
+                checkpoints.save(done, state, {"stage": index, "data_seed": cfg.seed, "model": trained_as.to_dict()})
                 last_saved = done
     bar.close()
     return state

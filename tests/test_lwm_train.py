@@ -17,6 +17,7 @@ import pytest
 
 from model_zoo import TINY
 from model_zoo.__main__ import main
+from model_zoo.checkpoint import load_model
 from model_zoo.data import packed_batch
 from model_zoo.train import Stage, TrainConfig, TrainingError, loss_fn, read_metrics, train
 
@@ -94,7 +95,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
 
 def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
     model = TINY.replace(num_layers=1)
-    first = TrainConfig(model=model, stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("sp", 4),))
+    first = TrainConfig(model=model, stages=(Stage(32, 1e4, 1),), batch_size=2, mesh=(("sp", 1),))
     trained = jax.device_get(train(first, tmp_path / "first", progress=False)["params"])
     # A longer context, another theta and other data: the next stage of a progressive run.
     second = dataclasses.replace(first, stages=(Stage(64, 1e5, 1),), seed=3, init_from=str(tmp_path / "first"))
@@ -103,6 +104,8 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
     batch = packed_batch(3, 0, batch_size=2, seq_len=64)
     expected = loss_fn(trained, batch, model.replace(rope_theta=1e5))  # the loss is taken before the update
     np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+    # The saved model is the one the last stage trained: its rope_theta, not the preset's.
+    assert load_model(tmp_path / "second")[0].rope_theta == 1e5
 
     wider = dataclasses.replace(second, model=model.replace(num_layers=2))
     with pytest.raises(ValueError, match="init_from=.*first' holds parameters of other shapes than the model"):
