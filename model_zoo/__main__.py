@@ -137,7 +137,8 @@ def _train(args):
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
         needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, max_needles=args.max_needles,
-        seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh, init_from=str(args.init_from) if args.init_from else None,
+        seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     _check_same_run(args.workdir, cfg)
     train(cfg, args.workdir, progress=not args.no_progress)
