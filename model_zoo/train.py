@@ -84,6 +84,10 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
 
+    def stage_model(self, stage: Stage) -> LWMConfig:
+        """The model as `stage` trains it (its rope_theta): what its steps run and its checkpoints record."""
+        return self.model.replace(rope_theta=stage.rope_theta)
+
     def stage_at(self, step: int) -> tuple[int, Stage]:
         end = 0
         for index, stage in enumerate(self.stages):
@@ -202,8 +206,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
         for step in range(start, cfg.total_steps):
             index, stage = cfg.stage_at(step)
             if index not in steps_by_stage:
-                model_config = cfg.model.replace(rope_theta=stage.rope_theta)
-                steps_by_stage[index] = _train_step(tx, model_config)
+                steps_by_stage[index] = _train_step(tx, cfg.stage_model(stage))
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
                 cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
@@ -229,9 +232,8 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
             bar.update()
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.total_steps or done == _stage_end(cfg, index):
-                # The config as this stage trains it (its rope_theta), which generation must use.
-                trained_as = cfg.model.replace(rope_theta=stage.rope_theta)
-                checkpoints.save(done, state, {"stage": index, "data_seed": cfg.seed, "model": trained_as.to_dict()})
+                record = {"stage": index, "data_seed": cfg.seed, "model": cfg.stage_model(stage).to_dict()}
+                checkpoints.save(done, state, record)
                 last_saved = done
     bar.close()
     return state
