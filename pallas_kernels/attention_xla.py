@@ -22,31 +22,34 @@ def match_vma(x, *refs):
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _q_blocks(x, block_q, K):
-    """[B, T, N, ...] -> [nq, B, K, G, block_q, ...]."""
+def _q_rows(x, block_q, K):
+    """[B, T, N, ...] -> [nq, B, K, G * block_q, ...]: a tile's rows are its G heads' queries."""
     B, T, N = x.shape[:3]
     rest = x.shape[3:]
     x = x.reshape(B, T // block_q, block_q, K, N // K, *rest)
-    return jnp.moveaxis(x, (1, 2), (0, 4))
+    x = jnp.moveaxis(x, (1, 2), (0, 4))  # [nq, B, K, G, bq, ...]
+    return x.reshape(*x.shape[:3], -1, *rest)
 
 
-def _q_unblock(x):
-    """[nq, B, K, G, block_q, ...] -> [B, T, N, ...]."""
-    nq, B, K, G, bq = x.shape[:5]
-    rest = x.shape[5:]
-    return jnp.moveaxis(x, (0, 4), (1, 2)).reshape(B, nq * bq, K * G, *rest)
+def _q_unrows(x, G):
+    """[nq, B, K, G * block_q, ...] -> [B, T, N, ...]."""
+    nq, B, K, r = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.reshape(nq, B, K, G, r // G, *rest)
+    return jnp.moveaxis(x, (0, 4), (1, 2)).reshape(B, nq * (r // G), K * G, *rest)
 
 
-def _row_blocks(x, block_q, K):
-    """Per-row statistic [B, N, T] -> [nq, B, K, G, block_q]."""
+def _stat_rows(x, block_q, K):
+    """Per-row statistic [B, N, T] -> [nq, B, K, G * block_q]."""
     B, N, T = x.shape
-    return jnp.moveaxis(x.reshape(B, K, N // K, T // block_q, block_q), 3, 0)
+    x = jnp.moveaxis(x.reshape(B, K, N // K, T // block_q, block_q), 3, 0)
+    return x.reshape(*x.shape[:3], -1)
 
 
-def _row_unblock(x):
-    """[nq, B, K, G, block_q] -> [B, N, T]."""
-    nq, B, K, G, bq = x.shape
-    return jnp.moveaxis(x, 0, 3).reshape(B, K * G, nq * bq)
+def _stat_unrows(x, G):
+    """[nq, B, K, G * block_q] -> [B, N, T]."""
+    nq, B, K, r = x.shape
+    return jnp.moveaxis(x.reshape(nq, B, K, G, r // G), 0, 3).reshape(B, K * G, nq * (r // G))
 
 
 def _kv_blocks(x, block_kv):
@@ -79,23 +82,26 @@ class _Masking:
 
     Per-tile positions and segment ids travel through the loops as scanned inputs (`q_tiles`,
     `kv_tiles`) rather than being indexed by loop counters, which keeps their shard_map typing
-    intact under vmap.
+    intact under vmap. A query tile's rows are its G heads' queries, so its positions and ids
+    repeat G times.
     """
 
     def __init__(
-        self, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_offset, T, S, block_q, block_kv, typed_like
+        self, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_offset, T, S, block_q, block_kv, G,
+        typed_like,
     ):
         self.causal, self.window = causal, window
         self.segments = q_segment_ids is not None
         self.q_tiles, self.kv_tiles = {}, {}
         if causal or window is not None:
-            # Global positions per tile: [nq, bq] and [nk, bk].
-            q_pos = q_offset + jnp.arange(T, dtype=jnp.int32).reshape(-1, block_q)
-            kv_pos = kv_offset + jnp.arange(S, dtype=jnp.int32).reshape(-1, block_kv)
+            q_pos = q_offset + jnp.arange(T, dtype=jnp.int32).reshape(-1, 1, block_q)
+            q_pos = jnp.broadcast_to(q_pos, (T // block_q, G, block_q)).reshape(T // block_q, -1)  # [nq, G * bq]
+            kv_pos = kv_offset + jnp.arange(S, dtype=jnp.int32).reshape(-1, block_kv)  # [nk, bk]
             self.q_tiles["pos"], self.kv_tiles["pos"] = match_vma(q_pos, *typed_like), match_vma(kv_pos, *typed_like)
         if self.segments:
             B = q_segment_ids.shape[0]
-            self.q_tiles["seg"] = q_segment_ids.reshape(B, -1, block_q).transpose(1, 0, 2)  # [nq, B, bq]
+            q_seg = q_segment_ids.reshape(B, -1, 1, block_q).transpose(1, 0, 2, 3)
+            self.q_tiles["seg"] = jnp.broadcast_to(q_seg, (T // block_q, B, G, block_q)).reshape(T // block_q, B, -1)
             self.kv_tiles["seg"] = kv_segment_ids.reshape(B, -1, block_kv).transpose(1, 0, 2)  # [nk, B, bk]
 
     @property
@@ -117,23 +123,32 @@ class _Masking:
             conditions.append(jnp.any(overlap))
         return functools.reduce(jnp.logical_and, conditions)
 
-    def element_mask(self, q_tile, kv_tile):
-        """[B or 1, 1, 1, block_q, block_kv] bool, broadcasting over [B, K, G, bq, bk]."""
+    def element_mask(self, q_tile, kv_tile, *, kv_major):
+        """Bool, broadcasting over [B, K, rows, bk] (or [B, K, bk, rows] when `kv_major`)."""
         masks = []
         if self.causal or self.window is not None:
-            distance = q_tile["pos"][:, None] - kv_tile["pos"][None, :]  # [bq, bk]
+            distance = q_tile["pos"][:, None] - kv_tile["pos"][None, :]  # [rows, bk]
         if self.causal:
             masks.append((distance >= 0)[None])
         if self.window is not None:
             masks.append((distance < self.window if self.causal else jnp.abs(distance) < self.window)[None])
         if self.segments:
             masks.append(q_tile["seg"][:, :, None] == kv_tile["seg"][:, None, :])
-        return functools.reduce(jnp.logical_and, masks)[:, None, None]
+        mask = functools.reduce(jnp.logical_and, masks)[:, None]  # [B or 1, 1, rows, bk]
+        return jnp.swapaxes(mask, -1, -2) if kv_major else mask
 
     def run_if_visible(self, q_tile, kv_tile, compute, skip, *operands):
         if not self.any:
             return compute(*operands)
         return lax.cond(self.tile_visible(q_tile, kv_tile), compute, skip, *operands)
+
+
+def _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv):
+    return _Masking(
+        causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
+        G=q.shape[2] // k.shape[2], typed_like=(q, k),
+    )
 
 
 def attention_fwd(
@@ -146,32 +161,31 @@ def attention_fwd(
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
     Rows that see no key give out 0 and lse -inf.
     """
-    K = k.shape[2]
-    masking = _Masking(
-        causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
-        typed_like=(q, k),
-    )
-    q_tiles = _q_blocks(q, block_q, K)  # [nq, B, K, G, bq, H]
-    k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
+    K, G = k.shape[2], q.shape[2] // k.shape[2]
+    masking = _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv)
+    q_tiles = _q_rows(q, block_q, K)  # [nq, B, K, rows, H]
+    # k transposed once here, so each tile's score matmul reads it in the layout it wants.
+    kT_tiles = jnp.swapaxes(_kv_blocks(k, block_kv), -1, -2)  # [nk, B, K, H, bk]
+    v_tiles = _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
 
     def q_tile(args):
-        q_i, q_info = args  # [B, K, G, bq, H] and the tile's positions/ids
+        q_i, q_info = args
 
         def kv_step(carry, xs):
-            k_j, v_j, kv_info = xs
+            kT_j, v_j, kv_info = xs
 
             def compute(m, l, acc):
-                s = jnp.einsum("BKGqH,BKkH->BKGqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                s = jnp.einsum("BKrH,BKHk->BKrk", q_i, kT_j, preferred_element_type=jnp.float32)
                 if masking.any:
-                    s = jnp.where(masking.element_mask(q_info, kv_info), s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))  # [B, K, G, bq]
+                    s = jnp.where(masking.element_mask(q_info, kv_info, kv_major=False), s, -jnp.inf)
+                # scale > 0, so the max of the scaled scores is the scaled max: scaling fuses into exp.
+                m_new = jnp.maximum(m, scale * s.max(-1))  # [B, K, rows]
                 # A row with nothing visible yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
                 m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-                p = jnp.exp(s - m_safe[..., None])  # [B, K, G, bq, bk]
+                p = jnp.exp(scale * s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 l = alpha * l + p.sum(-1)
-                pv = jnp.einsum("BKGqk,BKkH->BKGqH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("BKrk,BKkH->BKrH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
                 return m_new, l, alpha[..., None] * acc + pv
 
             return masking.run_if_visible(q_info, kv_info, compute, lambda *c: c, *carry), None
@@ -179,14 +193,14 @@ def attention_fwd(
         acc = match_vma(jnp.zeros_like(q_i, jnp.float32), k, v)
         l = acc[..., 0]
         m = l - jnp.inf
-        (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (k_tiles, v_tiles, masking.kv_tiles))
+        (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (kT_tiles, v_tiles, masking.kv_tiles))
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
         return out, lse
 
     out, lse = lax.map(q_tile, (q_tiles, masking.q_tiles))
-    return _q_unblock(out), _row_unblock(lse)
+    return _q_unrows(out, G), _stat_unrows(lse, G)
 
 
 def attention_bwd(
@@ -197,47 +211,50 @@ def attention_bwd(
 
     `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
     `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None.
+
+    Works on transposed scores ([keys, queries]) so that all five matmuls read their operands in
+    the layout they want: q, d_out and k are transposed once here, never per tile, and dq is
+    accumulated transposed.
     """
-    K = k.shape[2]
+    K, G = k.shape[2], q.shape[2] // k.shape[2]
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    masking = _Masking(
-        causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, kv_offset=kv_offset, T=q.shape[1], S=k.shape[1], block_q=block_q, block_kv=block_kv,
-        typed_like=(q, k),
-    )
-    q_tiles, do_tiles = _q_blocks(q, block_q, K), _q_blocks(d_out, block_q, K)  # [nq, B, K, G, bq, H]
-    lse_tiles, delta_tiles = _row_blocks(lse, block_q, K), _row_blocks(delta, block_q, K)  # [nq, B, K, G, bq]
+    masking = _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv)
+    q_tiles, do_tiles = _q_rows(q, block_q, K), _q_rows(d_out, block_q, K)  # [nq, B, K, rows, H]
+    qT_tiles, doT_tiles = jnp.swapaxes(q_tiles, -1, -2), jnp.swapaxes(do_tiles, -1, -2)  # [nq, B, K, H, rows]
+    lse_tiles, delta_tiles = _stat_rows(lse, block_q, K), _stat_rows(delta, block_q, K)  # [nq, B, K, rows]
     k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
+    kT_tiles = jnp.swapaxes(k_tiles, -1, -2)
 
-    def kv_tile(dq, xs):
-        k_j, v_j, kv_info = xs
+    def kv_tile(dqT, xs):
+        k_j, kT_j, v_j, kv_info = xs
 
         def q_step(carry, xs):
-            q_i, do_i, lse_i, delta_i, q_info = xs
+            q_i, qT_i, do_i, doT_i, lse_i, delta_i, q_info = xs
 
             def compute(dk, dv):
-                s = jnp.einsum("BKGqH,BKkH->BKGqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-                p = jnp.exp(s - lse_i[..., None])  # [B, K, G, bq, bk]
+                sT = jnp.einsum("BKkH,BKHr->BKkr", k_j, qT_i, preferred_element_type=jnp.float32)
+                pT = jnp.exp(scale * sT - lse_i[:, :, None, :])  # [B, K, bk, rows]
                 if masking.any:
-                    p = jnp.where(masking.element_mask(q_info, kv_info), p, 0.0)
-                dv = dv + jnp.einsum("BKGqk,BKGqH->BKkH", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("BKGqH,BKkH->BKGqk", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_i[..., None])
-                dq_i = jnp.einsum("BKGqk,BKkH->BKGqH", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
-                dk = dk + jnp.einsum("BKGqk,BKGqH->BKkH", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
-                return (dk, dv), dq_i * scale
+                    pT = jnp.where(masking.element_mask(q_info, kv_info, kv_major=True), pT, 0.0)
+                dpT = jnp.einsum("BKkH,BKHr->BKkr", v_j, doT_i, preferred_element_type=jnp.float32)
+                dsT = pT * (dpT - delta_i[:, :, None, :])
+                dv = dv + jnp.einsum("BKkr,BKrH->BKkH", pT.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("BKkr,BKrH->BKkH", dsT.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
+                dqT_i = jnp.einsum("BKHk,BKkr->BKHr", kT_j, dsT.astype(k_j.dtype), preferred_element_type=jnp.float32)
+                return (dk, dv), dqT_i
 
             def skip(dk, dv):
-                return (dk, dv), match_vma(jnp.zeros_like(q_i, jnp.float32), k, v, d_out, lse)
+                return (dk, dv), match_vma(jnp.zeros_like(qT_i, jnp.float32), k, v, d_out, lse)
 
-            (dk, dv), dq_i = masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
-            return (dk, dv), dq_i
+            return masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
 
         zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
-        (dk_j, dv_j), dq_parts = lax.scan(q_step, (zeros, zeros), (q_tiles, do_tiles, lse_tiles, delta_tiles, masking.q_tiles))
-        return dq + dq_parts, (dk_j * scale, dv_j)
+        xs = (q_tiles, qT_tiles, do_tiles, doT_tiles, lse_tiles, delta_tiles, masking.q_tiles)
+        (dk_j, dv_j), dqT_parts = lax.scan(q_step, (zeros, zeros), xs)
+        return dqT + dqT_parts, (dk_j * scale, dv_j)
 
-    dq = match_vma(jnp.zeros_like(q_tiles, jnp.float32), k, v, d_out, lse)
-    dq, (dk, dv) = lax.scan(kv_tile, dq, (k_tiles, v_tiles, masking.kv_tiles))
-    return _q_unblock(dq), _kv_unblock(dk), _kv_unblock(dv)
+    dqT = match_vma(jnp.zeros_like(qT_tiles, jnp.float32), k, v, d_out, lse)
+    dqT, (dk, dv) = lax.scan(kv_tile, dqT, (k_tiles, kT_tiles, v_tiles, masking.kv_tiles))
+    dq = _q_unrows(jnp.swapaxes(dqT, -1, -2), G) * scale
+    return dq, _kv_unblock(dk), _kv_unblock(dv)
