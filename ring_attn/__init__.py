@@ -9,7 +9,7 @@ from ring_attn import cost
 from ring_attn.attention import ring_attention
 from ring_attn.decode import cache_positions, ring_cache_update, ring_decode
 from ring_attn.feedforward import blockwise_feedforward
-from ring_attn.layout import unzigzag, zigzag
+from ring_attn.layout import unzigzag, unzigzag_shard, zigzag, zigzag_shard
 from ring_attn.sharded import ring_attention_global
 
 __version__ = "0.1.0"
@@ -24,5 +24,7 @@ __all__ = [
     "ring_cache_update",
     "ring_decode",
     "unzigzag",
+    "unzigzag_shard",
     "zigzag",
+    "zigzag_shard",
 ]

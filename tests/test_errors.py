@@ -74,6 +74,9 @@ def test_global_api_checks_mesh_axis_and_lengths():
     q6, k6, v6, _ = random_qkv(4, 1, 6, 4, 4, 32)
     with pytest.raises(ValueError, match=r"q's sequence length 6 must be divisible by the ring size 4"):
         ring_attn.ring_attention_global(q6, k6, v6, mesh=mesh, axis_name="sp")
+    q12, k12, v12, _ = random_qkv(4, 1, 12, 4, 4, 32)
+    with pytest.raises(ValueError, match=r"q's sequence length 12 must be divisible by 8, twice the ring size 4, .*layout='zigzag'"):
+        ring_attn.ring_attention_global(q12, k12, v12, mesh=mesh, axis_name="sp", layout="zigzag")
     with pytest.raises(ValueError, match=r"its length 20 must be divisible by 8"):
         ring_attn.zigzag(jnp.zeros((1, 20)), 4)
 
