@@ -5,6 +5,10 @@ ring can merge partial results exactly; the backward recomputes the probabilitie
 Global positions enter as `q_offset` / `kv_offset` (traced scalars are fine), so one function
 serves every ring step. Tiles wholly hidden by causality or segments are skipped by `lax.cond`.
 Grouped-query attention groups the N query heads as `[K, G = N // K]`; K/V are never repeated.
+
+Shaped for a CPU's caches: one kv head at a time (a loop over K outside the tile loops), with its
+G query heads as one tile's rows, keeps each score tile small enough to stay in cache between
+the matmul that writes it and the elementwise passes that read it.
 """
 
 import functools
@@ -23,45 +27,48 @@ def match_vma(x, *refs):
 
 
 def _q_rows(x, block_q, K):
-    """[B, T, N, ...] -> [nq, B, K, G * block_q, ...]: a tile's rows are its G heads' queries."""
+    """[B, T, N, ...] -> [K, nq, B, G * block_q, ...]: per kv head, a tile's rows are its G query
+    heads' queries."""
     B, T, N = x.shape[:3]
     rest = x.shape[3:]
     x = x.reshape(B, T // block_q, block_q, K, N // K, *rest)
-    x = jnp.moveaxis(x, (1, 2), (0, 4))  # [nq, B, K, G, bq, ...]
+    x = jnp.moveaxis(x, (3, 1, 0, 4), (0, 1, 2, 3))  # [K, nq, B, G, bq, ...]
     return x.reshape(*x.shape[:3], -1, *rest)
 
 
 def _q_unrows(x, G):
-    """[nq, B, K, G * block_q, ...] -> [B, T, N, ...]."""
-    nq, B, K, r = x.shape[:4]
+    """[K, nq, B, G * block_q, ...] -> [B, T, N, ...]."""
+    K, nq, B, r = x.shape[:4]
     rest = x.shape[4:]
-    x = x.reshape(nq, B, K, G, r // G, *rest)
-    return jnp.moveaxis(x, (0, 4), (1, 2)).reshape(B, nq * (r // G), K * G, *rest)
+    x = x.reshape(K, nq, B, G, r // G, *rest)
+    return jnp.moveaxis(x, (0, 1, 2, 3), (3, 1, 0, 4)).reshape(B, nq * (r // G), K * G, *rest)
 
 
 def _stat_rows(x, block_q, K):
-    """Per-row statistic [B, N, T] -> [nq, B, K, G * block_q]."""
+    """Per-row statistic [B, N, T] -> [K, nq, B, G * block_q]."""
     B, N, T = x.shape
-    x = jnp.moveaxis(x.reshape(B, K, N // K, T // block_q, block_q), 3, 0)
+    x = x.reshape(B, K, N // K, T // block_q, block_q)
+    x = jnp.moveaxis(x, (1, 3, 0), (0, 1, 2))  # [K, nq, B, G, bq]
     return x.reshape(*x.shape[:3], -1)
 
 
 def _stat_unrows(x, G):
-    """[nq, B, K, G * block_q] -> [B, N, T]."""
-    nq, B, K, r = x.shape
-    return jnp.moveaxis(x.reshape(nq, B, K, G, r // G), 0, 3).reshape(B, K * G, nq * (r // G))
+    """[K, nq, B, G * block_q] -> [B, N, T]."""
+    K, nq, B, r = x.shape
+    x = jnp.moveaxis(x.reshape(K, nq, B, G, r // G), (0, 1, 2), (1, 3, 0))  # [B, K, G, nq, bq]
+    return x.reshape(B, K * G, nq * (r // G))
 
 
 def _kv_blocks(x, block_kv):
-    """[B, S, K, H] -> [nk, B, K, block_kv, H]."""
+    """[B, S, K, H] -> [K, nk, B, block_kv, H]."""
     B, S, K, H = x.shape
-    return x.reshape(B, S // block_kv, block_kv, K, H).transpose(1, 0, 3, 2, 4)
+    return x.reshape(B, S // block_kv, block_kv, K, H).transpose(3, 1, 0, 2, 4)
 
 
 def _kv_unblock(x):
-    """[nk, B, K, block_kv, H] -> [B, S, K, H]."""
-    nk, B, K, bk, H = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, H)
+    """[K, nk, B, block_kv, H] -> [B, S, K, H]."""
+    K, nk, B, bk, H = x.shape
+    return x.transpose(2, 1, 3, 0, 4).reshape(B, nk * bk, K, H)
 
 
 def position_conditions(q_first, q_last, kv_first, kv_last, *, causal, window):
@@ -124,7 +131,7 @@ class _Masking:
         return functools.reduce(jnp.logical_and, conditions)
 
     def element_mask(self, q_tile, kv_tile, *, kv_major):
-        """Bool, broadcasting over [B, K, rows, bk] (or [B, K, bk, rows] when `kv_major`)."""
+        """Bool, broadcasting over one kv head's scores [B, rows, bk] (or [B, bk, rows] when `kv_major`)."""
         masks = []
         if self.causal or self.window is not None:
             distance = q_tile["pos"][:, None] - kv_tile["pos"][None, :]  # [rows, bk]
@@ -134,7 +141,7 @@ class _Masking:
             masks.append((distance < self.window if self.causal else jnp.abs(distance) < self.window)[None])
         if self.segments:
             masks.append(q_tile["seg"][:, :, None] == kv_tile["seg"][:, None, :])
-        mask = functools.reduce(jnp.logical_and, masks)[:, None]  # [B or 1, 1, rows, bk]
+        mask = functools.reduce(jnp.logical_and, masks)  # [B or 1, rows, bk]
         return jnp.swapaxes(mask, -1, -2) if kv_major else mask
 
     def run_if_visible(self, q_tile, kv_tile, compute, skip, *operands):
@@ -163,43 +170,48 @@ def attention_fwd(
     """
     K, G = k.shape[2], q.shape[2] // k.shape[2]
     masking = _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv)
-    q_tiles = _q_rows(q, block_q, K)  # [nq, B, K, rows, H]
+    q_tiles = _q_rows(q, block_q, K)  # [K, nq, B, rows, H]
     # k transposed once here, so each tile's score matmul reads it in the layout it wants.
-    kT_tiles = jnp.swapaxes(_kv_blocks(k, block_kv), -1, -2)  # [nk, B, K, H, bk]
-    v_tiles = _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
+    kT_tiles = jnp.swapaxes(_kv_blocks(k, block_kv), -1, -2)  # [K, nk, B, H, bk]
+    v_tiles = _kv_blocks(v, block_kv)  # [K, nk, B, bk, H]
 
-    def q_tile(args):
-        q_i, q_info = args
+    def kv_head(args):
+        q_h, kT_h, v_h = args
 
-        def kv_step(carry, xs):
-            kT_j, v_j, kv_info = xs
+        def q_tile(args):
+            q_i, q_info = args  # [B, rows, H]
 
-            def compute(m, l, acc):
-                s = jnp.einsum("BKrH,BKHk->BKrk", q_i, kT_j, preferred_element_type=jnp.float32)
-                if masking.any:
-                    s = jnp.where(masking.element_mask(q_info, kv_info, kv_major=False), s, -jnp.inf)
-                # scale > 0, so the max of the scaled scores is the scaled max: scaling fuses into exp.
-                m_new = jnp.maximum(m, scale * s.max(-1))  # [B, K, rows]
-                # A row with nothing visible yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
-                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-                p = jnp.exp(scale * s - m_safe[..., None])
-                alpha = jnp.exp(m - m_safe)
-                l = alpha * l + p.sum(-1)
-                pv = jnp.einsum("BKrk,BKkH->BKrH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-                return m_new, l, alpha[..., None] * acc + pv
+            def kv_step(carry, xs):
+                kT_j, v_j, kv_info = xs
 
-            return masking.run_if_visible(q_info, kv_info, compute, lambda *c: c, *carry), None
+                def compute(m, l, acc):
+                    s = jnp.einsum("BrH,BHk->Brk", q_i, kT_j, preferred_element_type=jnp.float32)
+                    if masking.any:
+                        s = jnp.where(masking.element_mask(q_info, kv_info, kv_major=False), s, -jnp.inf)
+                    # scale > 0: the max of the scaled scores is the scaled max, and scaling fuses into exp.
+                    m_new = jnp.maximum(m, scale * s.max(-1))  # [B, rows]
+                    # A row with nothing visible yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+                    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+                    p = jnp.exp(scale * s - m_safe[..., None])
+                    alpha = jnp.exp(m - m_safe)
+                    l = alpha * l + p.sum(-1)
+                    pv = jnp.einsum("Brk,BkH->BrH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+                    return m_new, l, alpha[..., None] * acc + pv
 
-        acc = match_vma(jnp.zeros_like(q_i, jnp.float32), k, v)
-        l = acc[..., 0]
-        m = l - jnp.inf
-        (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (kT_tiles, v_tiles, masking.kv_tiles))
-        seen = l > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-        return out, lse
+                return masking.run_if_visible(q_info, kv_info, compute, lambda *c: c, *carry), None
 
-    out, lse = lax.map(q_tile, (q_tiles, masking.q_tiles))
+            acc = match_vma(jnp.zeros_like(q_i, jnp.float32), k, v)
+            l = acc[..., 0]
+            m = l - jnp.inf
+            (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (kT_h, v_h, masking.kv_tiles))
+            seen = l > 0
+            out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+            lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+            return out, lse
+
+        return lax.map(q_tile, (q_h, masking.q_tiles))
+
+    out, lse = lax.map(kv_head, (q_tiles, kT_tiles, v_tiles))
     return _q_unrows(out, G), _stat_unrows(lse, G)
 
 
@@ -220,41 +232,48 @@ def attention_bwd(
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     masking = _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv)
-    q_tiles, do_tiles = _q_rows(q, block_q, K), _q_rows(d_out, block_q, K)  # [nq, B, K, rows, H]
-    qT_tiles, doT_tiles = jnp.swapaxes(q_tiles, -1, -2), jnp.swapaxes(do_tiles, -1, -2)  # [nq, B, K, H, rows]
-    lse_tiles, delta_tiles = _stat_rows(lse, block_q, K), _stat_rows(delta, block_q, K)  # [nq, B, K, rows]
-    k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [nk, B, K, bk, H]
+    q_tiles, do_tiles = _q_rows(q, block_q, K), _q_rows(d_out, block_q, K)  # [K, nq, B, rows, H]
+    qT_tiles, doT_tiles = jnp.swapaxes(q_tiles, -1, -2), jnp.swapaxes(do_tiles, -1, -2)  # [K, nq, B, H, rows]
+    lse_tiles, delta_tiles = _stat_rows(lse, block_q, K), _stat_rows(delta, block_q, K)  # [K, nq, B, rows]
+    k_tiles, v_tiles = _kv_blocks(k, block_kv), _kv_blocks(v, block_kv)  # [K, nk, B, bk, H]
     kT_tiles = jnp.swapaxes(k_tiles, -1, -2)
 
-    def kv_tile(dqT, xs):
-        k_j, kT_j, v_j, kv_info = xs
+    def kv_head(args):
+        q_h, qT_h, do_h, doT_h, lse_h, delta_h, k_h, kT_h, v_h = args
 
-        def q_step(carry, xs):
-            q_i, qT_i, do_i, doT_i, lse_i, delta_i, q_info = xs
+        def kv_tile(dqT, xs):
+            k_j, kT_j, v_j, kv_info = xs
 
-            def compute(dk, dv):
-                sT = jnp.einsum("BKkH,BKHr->BKkr", k_j, qT_i, preferred_element_type=jnp.float32)
-                pT = jnp.exp(scale * sT - lse_i[:, :, None, :])  # [B, K, bk, rows]
-                if masking.any:
-                    pT = jnp.where(masking.element_mask(q_info, kv_info, kv_major=True), pT, 0.0)
-                dpT = jnp.einsum("BKkH,BKHr->BKkr", v_j, doT_i, preferred_element_type=jnp.float32)
-                dsT = pT * (dpT - delta_i[:, :, None, :])
-                dv = dv + jnp.einsum("BKkr,BKrH->BKkH", pT.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-                dk = dk + jnp.einsum("BKkr,BKrH->BKkH", dsT.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
-                dqT_i = jnp.einsum("BKHk,BKkr->BKHr", kT_j, dsT.astype(k_j.dtype), preferred_element_type=jnp.float32)
-                return (dk, dv), dqT_i
+            def q_step(carry, xs):
+                q_i, qT_i, do_i, doT_i, lse_i, delta_i, q_info = xs
 
-            def skip(dk, dv):
-                return (dk, dv), match_vma(jnp.zeros_like(qT_i, jnp.float32), k, v, d_out, lse)
+                def compute(dk, dv):
+                    sT = jnp.einsum("BkH,BHr->Bkr", k_j, qT_i, preferred_element_type=jnp.float32)
+                    pT = jnp.exp(scale * sT - lse_i[:, None, :])  # [B, bk, rows]
+                    if masking.any:
+                        pT = jnp.where(masking.element_mask(q_info, kv_info, kv_major=True), pT, 0.0)
+                    dpT = jnp.einsum("BkH,BHr->Bkr", v_j, doT_i, preferred_element_type=jnp.float32)
+                    dsT = pT * (dpT - delta_i[:, None, :])
+                    f32 = dict(preferred_element_type=jnp.float32)
+                    dv = dv + jnp.einsum("Bkr,BrH->BkH", pT.astype(do_i.dtype), do_i, **f32)
+                    dk = dk + jnp.einsum("Bkr,BrH->BkH", dsT.astype(q_i.dtype), q_i, **f32)
+                    dqT_i = jnp.einsum("BHk,Bkr->BHr", kT_j, dsT.astype(k_j.dtype), **f32)
+                    return (dk, dv), dqT_i
 
-            return masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
+                def skip(dk, dv):
+                    return (dk, dv), match_vma(jnp.zeros_like(qT_i, jnp.float32), k, v, d_out, lse)
 
-        zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
-        xs = (q_tiles, qT_tiles, do_tiles, doT_tiles, lse_tiles, delta_tiles, masking.q_tiles)
-        (dk_j, dv_j), dqT_parts = lax.scan(q_step, (zeros, zeros), xs)
-        return dqT + dqT_parts, (dk_j * scale, dv_j)
+                return masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
 
-    dqT = match_vma(jnp.zeros_like(qT_tiles, jnp.float32), k, v, d_out, lse)
-    dqT, (dk, dv) = lax.scan(kv_tile, dqT, (k_tiles, kT_tiles, v_tiles, masking.kv_tiles))
+            zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
+            xs = (q_h, qT_h, do_h, doT_h, lse_h, delta_h, masking.q_tiles)
+            (dk_j, dv_j), dqT_parts = lax.scan(q_step, (zeros, zeros), xs)
+            return dqT + dqT_parts, (dk_j * scale, dv_j)
+
+        dqT = match_vma(jnp.zeros_like(qT_h, jnp.float32), k, v, d_out, lse)
+        return lax.scan(kv_tile, dqT, (k_h, kT_h, v_h, masking.kv_tiles))
+
+    per_head = (q_tiles, qT_tiles, do_tiles, doT_tiles, lse_tiles, delta_tiles, k_tiles, kT_tiles, v_tiles)
+    dqT, (dk, dv) = lax.map(kv_head, per_head)
     dq = _q_unrows(jnp.swapaxes(dqT, -1, -2), G) * scale
     return dq, _kv_unblock(dk), _kv_unblock(dv)
