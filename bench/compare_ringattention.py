@@ -3,7 +3,8 @@
 Forward+backward on a simulated 8-device CPU ring; global L=8192, B=1, N=4, H=64, float32,
 causal (ours with the zigzag layout) and not. Reports the median of several runs after a
 warm-up, the speed ratio, each one's compiled temp memory, and FLOP/s against a float32 matmul
-ceiling measured in the same run.
+ceiling measured in the same run. The two are timed in turns (ours, theirs, ours, ...) so that
+the shared host's load changes hit both alike.
 
     python bench/compare_ringattention.py [--length 8192] [--runs 5] [--json out.json]
 """
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
-from timing import matmul_ceiling, median_time  # noqa: E402
+from timing import interleaved_median_times, matmul_ceiling  # noqa: E402
 
 
 def import_peer():
@@ -91,11 +92,13 @@ def main():
     for causal in (True, False):
         flops = attention_flops(B, N, L, L, H, causal) + attention_flops(B, N, L, L, H, causal, backward=True)
         result = {"causal": causal, "L": L, "ring": R}
-        for name, fn in (("ring_attn", ours_fn(mesh, causal)), ("ringattention", peer_fn(mesh, causal, L // R))):
-            compiled = train_step(fn).lower(q, k, v, d_out).compile()
-            seconds = median_time(compiled, (q, k, v, d_out), args.runs)
-            temp = compiled.memory_analysis().temp_size_in_bytes
-            result[name] = {"seconds": seconds, "temp_bytes": temp, "gflops": flops / seconds / 1e9}
+        names = ("ring_attn", "ringattention")
+        fns = (ours_fn(mesh, causal), peer_fn(mesh, causal, L // R))
+        compiled = [train_step(fn).lower(q, k, v, d_out).compile() for fn in fns]
+        seconds = interleaved_median_times([(c, (q, k, v, d_out)) for c in compiled], args.runs)
+        for name, c, s in zip(names, compiled, seconds):
+            temp = c.memory_analysis().temp_size_in_bytes
+            result[name] = {"seconds": s, "temp_bytes": temp, "gflops": flops / s / 1e9}
         result["speedup"] = result["ringattention"]["seconds"] / result["ring_attn"]["seconds"]
         result["ceiling_gflops"] = ceiling / 1e9
         rows.append(result)

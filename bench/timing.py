@@ -27,6 +27,20 @@ def median_time(compiled, args, runs, once_over_s=None):
     return statistics.median(times)
 
 
+def interleaved_median_times(calls, runs):
+    """Median wall time of each `(compiled, args)` in `calls`, timed in turns (one call of each per
+    round, after a warm-up round), so that a change in the host's load hits all of them alike."""
+    for compiled, args in calls:
+        jax.block_until_ready(compiled(*args))
+    times = [[] for _ in calls]
+    for _ in range(runs):
+        for (compiled, args), record in zip(calls, times):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
 def matmul_ceiling(runs, n=2048, dtype=jnp.float32):
     """FLOP/s of one n^3 matmul on one device."""
     a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), dtype) for i in range(2))
