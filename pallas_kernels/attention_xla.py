@@ -45,18 +45,13 @@ def _q_unrows(x, G):
 
 
 def _stat_rows(x, block_q, K):
-    """Per-row statistic [B, N, T] -> [K, nq, B, G * block_q]."""
-    B, N, T = x.shape
-    x = x.reshape(B, K, N // K, T // block_q, block_q)
-    x = jnp.moveaxis(x, (1, 3, 0), (0, 1, 2))  # [K, nq, B, G, bq]
-    return x.reshape(*x.shape[:3], -1)
+    """Per-row statistic [B, N, T] -> [K, nq, B, G * block_q], laid out as `_q_rows` lays out queries."""
+    return _q_rows(jnp.swapaxes(x, 1, 2), block_q, K)
 
 
 def _stat_unrows(x, G):
     """[K, nq, B, G * block_q] -> [B, N, T]."""
-    K, nq, B, r = x.shape
-    x = jnp.moveaxis(x.reshape(K, nq, B, G, r // G), (0, 1, 2), (1, 3, 0))  # [B, K, G, nq, bq]
-    return x.reshape(B, K * G, nq * (r // G))
+    return jnp.swapaxes(_q_unrows(x, G), 1, 2)
 
 
 def _kv_blocks(x, block_kv):

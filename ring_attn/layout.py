@@ -69,7 +69,8 @@ def _shard_moves(x, axis_name, axis):
     return moves, lax.axis_index(axis_name) % 2 == 0
 
 
-def _halves(x, axis):
+def halves(x, axis):
+    """The first and second halves of `x` along `axis`."""
     c = x.shape[axis] // 2
     return lax.slice_in_dim(x, 0, c, axis=axis), lax.slice_in_dim(x, c, None, axis=axis)
 
@@ -77,7 +78,7 @@ def _halves(x, axis):
 def zigzag_shard(x, axis_name, axis=1):
     """Inside `shard_map`: this device's contiguous shard of a sequence -> its zigzag shard."""
     moves, even_first = _shard_moves(x, axis_name, axis)
-    even, odd = (lax.ppermute(half, axis_name, move) for half, move in zip(_halves(x, axis), moves))
+    even, odd = (lax.ppermute(half, axis_name, move) for half, move in zip(halves(x, axis), moves))
     first, second = jnp.where(even_first, even, odd), jnp.where(even_first, odd, even)
     return jnp.concatenate([first, second], axis)
 
@@ -85,7 +86,7 @@ def zigzag_shard(x, axis_name, axis=1):
 def unzigzag_shard(x, axis_name, axis=1):
     """Inside `shard_map`: inverse of `zigzag_shard`, a zigzag shard -> the contiguous shard."""
     moves, even_first = _shard_moves(x, axis_name, axis)
-    first, second = _halves(x, axis)
+    first, second = halves(x, axis)
     even, odd = jnp.where(even_first, first, second), jnp.where(even_first, second, first)
     back = [[(dst, src) for src, dst in move] for move in moves]
     return jnp.concatenate([lax.ppermute(even, axis_name, back[0]), lax.ppermute(odd, axis_name, back[1])], axis)

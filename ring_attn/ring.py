@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels
+from ring_attn.layout import halves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +75,18 @@ def _shift(x, axis_name, ring_size, hops=1):
     return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
 
 
-def _halves(x, axis):
-    c = x.shape[axis] // 2
-    return lax.slice_in_dim(x, 0, c, axis=axis), lax.slice_in_dim(x, c, None, axis=axis)
-
-
 def _part(x, part, axis=1):
     """`x`, or its first or second half along `axis` (the zigzag chunks)."""
     if x is None or part == "all":
         return x
-    return _halves(x, axis)[0 if part == "first" else 1]
+    return halves(x, axis)[0 if part == "first" else 1]
 
 
 def _place(part, full, value, axis):
     """`value`, computed for a half, written into `full`'s shape (the other half from `full`)."""
     if part == "all":
         return value
-    a, b = _halves(full, axis)
+    a, b = halves(full, axis)
     return jnp.concatenate([value, b] if part == "first" else [a, value], axis)
 
 
