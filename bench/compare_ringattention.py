@@ -22,10 +22,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from timing import interleaved_median_times, matmul_ceiling  # noqa: E402
 
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
-from timing import interleaved_median_times, matmul_ceiling  # noqa: E402
 
 
 def import_peer():

@@ -30,10 +30,11 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from timing import median_time  # noqa: E402
+
 import reference  # noqa: E402
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
-from timing import median_time  # noqa: E402
 
 TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
 # Timed kernels by report name: the Triton kernels, and the Mosaic GPU forward (Triton backward).

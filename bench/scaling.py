@@ -142,14 +142,14 @@ def overlap(runs):
     for causal in (False, True):
         kwargs = dict(causal=causal, layout="zigzag" if causal else "contiguous")
         with_transfer = median_time(jax.jit(train_step(mesh, **kwargs)).lower(*args).compile(), args, runs)
-        shift = ring_attn.ring._shift
+        shift = ring_attn.ring.shift
         # Same compute, no collective (wrong values): a local flip stands in for the transfer, so
         # the steps stay distinct and XLA cannot hoist the attention out of the ring loop.
-        ring_attn.ring._shift = lambda x, *a, **k: jax.tree.map(lambda t: jnp.flip(t, axis=1), x)
+        ring_attn.ring.shift = lambda x, *a, **k: jax.tree.map(lambda t: jnp.flip(t, axis=1), x)
         try:
             without = median_time(jax.jit(train_step(mesh, **kwargs)).lower(*args).compile(), args, runs)
         finally:
-            ring_attn.ring._shift = shift
+            ring_attn.ring.shift = shift
         rows.append((causal, with_transfer, without))
     print(f"\nfwd+bwd with and without the k/v transfer, ring of 8, L={L}\n")
     print(table(["causal", "ring s", "no transfer s", "overhead"],

@@ -55,7 +55,6 @@ Mosaic GPU's lane semantics, the default of JAX 0.10 and the one tested.
 """
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +62,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_triton import (
-    LN2, LOG2E, _kv_range, _offsets, _pad_head, _pad_segment_ids, _Tiling, _typed_alike,
-)
+from pallas_kernels.common import LN2, LOG2E, offsets_operand, typed_alike
+from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids
+from pallas_kernels.mgpu_common import load, segment_table
 
 # Rows of one warpgroup's wgmma (its M); also the query tile and the unit of padding.
 WG_ROWS = 64
@@ -113,17 +112,16 @@ def attention_fwd(
     if isinstance(interpret, bool):
         interpret = interpret_params() if interpret else None
     head_dim = -(-H // HEAD_DIM_UNIT) * HEAD_DIM_UNIT
-    q_tiling = _Tiling.make(T, block_q, WG_ROWS, min_tile=WG_ROWS)
-    kv_tiling = _Tiling.make(S, block_kv, KV_TILE_ELEMENTS // head_dim, min_tile=HEAD_DIM_UNIT)
-    q_p = q_tiling.pad(_pad_head(q.astype(dtype), head_dim))
-    k_p = kv_tiling.pad(_pad_head(k.astype(dtype), head_dim))
-    v_p = kv_tiling.pad(_pad_head(v.astype(dtype), head_dim))
+    q_tiling = Tiling.make(T, block_q, WG_ROWS, WG_ROWS)
+    kv_tiling = Tiling.make(S, block_kv, KV_TILE_ELEMENTS // head_dim, HEAD_DIM_UNIT)
+    q_p = q_tiling.pad(pad_head(q.astype(dtype), head_dim))
+    k_p = kv_tiling.pad(pad_head(k.astype(dtype), head_dim))
+    v_p = kv_tiling.pad(pad_head(v.astype(dtype), head_dim))
     kt = jnp.transpose(k_p, (0, 2, 3, 1))  # [B, K, H, S]: the QK^T wgmma's B operand tiles
-    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
     segments = q_ids is not None
-    table = _segment_table(q_ids, kv_ids, q_tiling, kv_tiling) if segments else None
-    operands = (q_p, kt, v_p, q_ids, kv_ids, table, _offsets(q_offset, kv_offset))
-    operands, out_type = _typed_alike(operands)
+    table = segment_table(q_ids, kv_ids, q_tiling, kv_tiling) if segments else None
+    operands, out_type = typed_alike(q_p, kt, v_p, q_ids, kv_ids, table, offsets_operand(q_offset, kv_offset))
     # Two consumer warpgroups per CTA when the query tiles pair up, else one.
     wgs = 2 if q_tiling.num_tiles % 2 == 0 else 1
     call = _fwd_call(
@@ -132,17 +130,6 @@ def attention_fwd(
     )
     out, lse = call(*(x for x in operands if x is not None))
     return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
-
-
-def _segment_table(q_ids, kv_ids, q_tiling, kv_tiling):
-    """int32 [B, query tiles, key tiles]: 1 where the tiles' id ranges overlap (exact for the
-    sorted ids that packing produces; padding repeats the edge id, so ranges are unchanged)."""
-    B = q_ids.shape[0]
-    q_t = q_ids.reshape(B, q_tiling.num_tiles, q_tiling.tile)
-    kv_t = kv_ids.reshape(B, kv_tiling.num_tiles, kv_tiling.tile)
-    q_min, q_max = q_t.min(-1)[:, :, None], q_t.max(-1)[:, :, None]
-    kv_min, kv_max = kv_t.min(-1)[:, None, :], kv_t.max(-1)[:, None, :]
-    return ((q_min <= kv_max) & (kv_min <= q_max)).astype(jnp.int32)
 
 
 def _fwd_call(
@@ -186,23 +173,6 @@ def _fwd_call(
     )
 
 
-def _load(ref, *, layout):
-    """`plgpu.load` of a whole (already indexed) ref, uncoalesced where need be: JAX 0.10 requires
-    the separate index argument, which JAX 0.11 deprecates."""
-    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
-        return plgpu.load(ref, (), layout=layout, optimized=False)
-    return plgpu.load(ref, layout=layout, optimized=False)
-
-
-def _first_row(tiling, i):
-    """(local position of tile i's first row, number of real rows in it); i may be traced."""
-    start = i * tiling.tile
-    if not tiling.is_padded:
-        return start, tiling.tile
-    within = lax.rem(start, tiling.padded)
-    return lax.div(start, tiling.padded) * tiling.block + within, jnp.minimum(tiling.tile, tiling.block - within)
-
-
 def _fwd_body(
     *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, segments, compiled,
     q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, q_ready, k_ready, v_ready, consumed,
@@ -221,7 +191,7 @@ def _fwd_body(
     def load_ids(ref, idx, to):
         """Segment ids from global memory straight into registers of layout `to` (not a TMA:
         the ids are small, and read once per tile)."""
-        return _load(ref.at[idx], layout=to) if compiled else ref[idx]
+        return load(ref.at[idx], layout=to) if compiled else ref[idx]
 
     rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     b, n, block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
@@ -231,9 +201,9 @@ def _fwd_body(
 
     def kv_tiles(i):
         """[lo, hi) key tiles some query of query tile i may see; also its first position, rows."""
-        first, count = _first_row(q_tiling, i)
+        first, count = q_tiling.first_row(i)
         q_first = q_offset + first
-        lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+        lo, hi = kv_tile_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
         return lo, hi, q_first, count
 
     # The tiles loaded for the whole block: from its first query tile's lower bound to its
@@ -277,7 +247,7 @@ def _fwd_body(
 
         def mask_for(j):
             """[tq, tk] bool of visible (query, key) pairs of key tile j, or None if all are."""
-            kv_start, kv_count = _first_row(kv_tiling, j)
+            kv_start, kv_count = kv_tiling.first_row(j)
             masks = []
             if causal or window is not None:
                 distance = (q_first - kv_offset - kv_start) + row - col

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_xla import match_vma, position_conditions
+from pallas_kernels.attention_xla import position_conditions
+from pallas_kernels.common import offsets_operand, typed_alike
 
 # Finite, so masked scores never make inf - inf; rows that see no key are detected and zeroed.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -63,7 +64,7 @@ def attention_fwd(
     Hp = _padded_head_dim(H)
     prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
-    operands, vma = _unify_vma(
+    operands, vma = typed_alike(
         *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids
     )
     out, lse = _build_fwd(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
@@ -95,7 +96,7 @@ def attention_bwd(
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))[:, :, None, :]  # [B, N, 1, T]
     delta = delta.astype(jnp.float32)[:, :, None, :]
     q_, k_, v_, do_ = (_heads_minor(x, Hp) for x in (q, k, v, d_out))
-    operands, vma = _unify_vma(*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
+    operands, vma = typed_alike(*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
     dq = _build_bwd_dq(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
     dk, dv = _build_bwd_dkv(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
     return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
@@ -128,7 +129,7 @@ def attention_fwd_ring_step(
     neighbours = jnp.stack([(rank + ring_size - 1) % ring_size, (rank + 1) % ring_size]).astype(jnp.int32)
     prefetch = (*_scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids), neighbours)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
-    operands, vma = _unify_vma(
+    operands, vma = typed_alike(
         *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids, k, v, kv_ids
     )
     build = functools.partial(_build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)
@@ -301,15 +302,6 @@ def _heads_split(x, heads, H):
     return x.reshape(*x.shape[:2], heads, -1)[..., :H]
 
 
-def _unify_vma(*operands):
-    """shard_map typing: the operands (None skipped; the first is never None) made varying over
-    the union of their manual axes, and that type, which pallas_call's outputs need under
-    `check_vma=True`."""
-    present = [x for x in operands if x is not None]
-    operands = tuple(None if x is None else match_vma(x, *present) for x in operands)
-    return operands, jax.typeof(operands[0]).manual_axis_type
-
-
 def _ids_as_rows(ids):
     """[B, L] -> [B, 1, L]: a tile's ids are a lane-major [1, block] row."""
     return None if ids is None else ids.astype(jnp.int32)[:, None, :]
@@ -317,7 +309,7 @@ def _ids_as_rows(ids):
 
 def _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids):
     """SMEM operands: the two offsets and, with segments, each tile's (min, max) segment id."""
-    offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
+    offsets = offsets_operand(q_offset, kv_offset)
     if not mask.segments:
         return offsets, None, None
     return offsets, _tile_id_ranges(q_segment_ids, mask.block_q), _tile_id_ranges(kv_segment_ids, mask.block_kv)

@@ -19,9 +19,7 @@ larger than the kernel's tile cap run as several tiles of the cap: the caller's 
 unit of padding, the tile the unit of work.
 """
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention_xla import match_vma
+from pallas_kernels.common import LN2, LOG2E, matmul_precision, offsets_operand, typed_alike
+from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 # Smallest tensor dimension Triton's dot accepts.
 MIN_TILE = 16
 # Largest tile per kernel dimension; bigger blocks run as several tiles. The forward keeps its
@@ -56,17 +53,17 @@ def attention_fwd(
     S, K = k.shape[1], k.shape[2]
     dtype = jnp.result_type(q, k, v)
     q_cap = MAX_TILE_Q_FWD if jnp.dtype(dtype).itemsize <= 2 else MAX_TILE
-    q_tiling = _Tiling.make(T, block_q, q_cap)
-    kv_tiling = _Tiling.make(S, block_kv, MAX_TILE)
+    q_tiling = Tiling.make(T, block_q, q_cap, MIN_TILE)
+    kv_tiling = Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
     head_dim = _padded_head_dim(H)
-    q_p = q_tiling.pad(_pad_head(q.astype(dtype), head_dim))
-    k_p = kv_tiling.pad(_pad_head(k.astype(dtype), head_dim))
-    v_p = kv_tiling.pad(_pad_head(v.astype(dtype), head_dim))
-    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
-    operands, out_type = _typed_alike((q_p, k_p, v_p, q_ids, kv_ids, _offsets(q_offset, kv_offset)))
+    q_p = q_tiling.pad(pad_head(q.astype(dtype), head_dim))
+    k_p = kv_tiling.pad(pad_head(k.astype(dtype), head_dim))
+    v_p = kv_tiling.pad(pad_head(v.astype(dtype), head_dim))
+    q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    operands, out_type = typed_alike(q_p, k_p, v_p, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     call = _fwd_call(
         B=B, N=N, K=K, head_dim=head_dim, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal,
-        window=window, scale=scale, segments=q_ids is not None, precision=_precision(dtype),
+        window=window, scale=scale, segments=q_ids is not None, precision=matmul_precision(dtype),
         out_type=out_type, interpret=interpret,
     )
     out, lse = call(*operands)
@@ -89,18 +86,18 @@ def attention_bwd(
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     head_dim = _padded_head_dim(H)
-    q, k, v = (_pad_head(x.astype(dtype), head_dim) for x in (q, k, v))
-    d_out = _pad_head(d_out.astype(dtype), head_dim)
+    q, k, v = (pad_head(x.astype(dtype), head_dim) for x in (q, k, v))
+    d_out = pad_head(d_out.astype(dtype), head_dim)
     lse, delta = lse.astype(jnp.float32), delta.astype(jnp.float32)
 
-    q_tiling, kv_tiling = _Tiling.make(T, block_q, MAX_TILE), _Tiling.make(S, block_kv, MAX_TILE)
-    q_ids, kv_ids = _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
+    q_tiling, kv_tiling = Tiling.make(T, block_q, MAX_TILE, MIN_TILE), Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
+    q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
     q, d_out, lse, delta = q_tiling.pad(q), q_tiling.pad(d_out), q_tiling.pad(lse, axis=2), q_tiling.pad(delta, axis=2)
     k, v = kv_tiling.pad(k), kv_tiling.pad(v)
-    operands, out_type = _typed_alike((q, k, v, d_out, lse, delta, q_ids, kv_ids, _offsets(q_offset, kv_offset)))
+    operands, out_type = typed_alike(q, k, v, d_out, lse, delta, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     common = dict(
         B=B, N=N, K=K, head_dim=head_dim, causal=causal, window=window, scale=scale,
-        segments=q_ids is not None, precision=_precision(dtype), out_type=out_type,
+        segments=q_ids is not None, precision=matmul_precision(dtype), out_type=out_type,
         interpret=interpret,
     )
     # dq: one program per query tile, streaming keys; dk, dv: one program per key tile,
@@ -111,124 +108,8 @@ def attention_bwd(
     return dq, kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :H]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tiling:
-    """How one sequence axis of `length` rows reaches a kernel.
-
-    Each caller block of `block` rows becomes `padded` rows (the block itself, or rounded up to a
-    multiple of MIN_TILE when its largest power-of-two divisor is smaller), cut into tiles of
-    `tile` rows. Padding rows sit at the end of each block, so the real rows of a tile are a
-    prefix of it and positions stay monotonic across tiles. Padding is under MIN_TILE <= tile
-    rows, so every tile holds at least one real row.
-    """
-
-    length: int
-    block: int
-    padded: int
-    tile: int
-
-    @classmethod
-    def make(cls, length, block, cap, min_tile=MIN_TILE):
-        """`min_tile` (a power of two, <= cap) replaces MIN_TILE for kernels with larger tiles."""
-        padded = block if block & -block >= min_tile else -(-block // min_tile) * min_tile
-        return cls(length, block, padded, min(cap, padded & -padded))
-
-    @property
-    def is_padded(self):
-        return self.padded != self.block
-
-    @property
-    def padded_length(self):
-        return self.length // self.block * self.padded
-
-    @property
-    def num_tiles(self):
-        return self.padded_length // self.tile
-
-    def pad(self, x, axis=1, mode="constant"):
-        if not self.is_padded:
-            return x
-        shape = x.shape
-        x = x.reshape(*shape[:axis], self.length // self.block, self.block, *shape[axis + 1 :])
-        widths = [(0, 0)] * x.ndim
-        widths[axis + 1] = (0, self.padded - self.block)
-        x = jnp.pad(x, widths, mode=mode)
-        return x.reshape(*shape[:axis], self.padded_length, *shape[axis + 1 :])
-
-    def unpad(self, x, axis):
-        if not self.is_padded:
-            return x
-        shape = x.shape
-        x = x.reshape(*shape[:axis], self.length // self.block, self.padded, *shape[axis + 1 :])
-        x = lax.slice_in_dim(x, 0, self.block, axis=axis + 1)
-        return x.reshape(*shape[:axis], self.length, *shape[axis + 1 :])
-
-    # In-kernel helpers: `i` is a traced tile index, positions are local (add the offset).
-
-    def rows(self, i):
-        """(local position of tile i's first row, number of real rows, [tile] bool or None)."""
-        if not self.is_padded:
-            return i * self.tile, self.tile, None
-        within = lax.rem(i * self.tile, self.padded)
-        first = lax.div(i * self.tile, self.padded) * self.block + within
-        real = within + jnp.arange(self.tile, dtype=jnp.int32) < self.block
-        return first, jnp.minimum(self.tile, self.block - within), real
-
-    def _padded_index(self, x):
-        if not self.is_padded:
-            return x
-        return lax.div(x, self.block) * self.padded + lax.rem(x, self.block)
-
-    def first_tile(self, start):
-        """The first tile holding a real row at local position >= `start` (num_tiles if none)."""
-        start = jnp.clip(start, 0, self.length)
-        return lax.div(self._padded_index(start), self.tile)
-
-    def end_tile(self, stop):
-        """One past the last tile holding a real row at local position < `stop`."""
-        stop = jnp.clip(stop, 0, self.length)
-        if not self.is_padded:
-            return lax.div(stop + (self.tile - 1), self.tile)
-        last = self._padded_index(jnp.maximum(stop, 1) - 1)
-        return jnp.where(stop > 0, lax.div(last, self.tile) + 1, 0)
-
-
 def _padded_head_dim(H):
     return max(MIN_TILE, 1 << (H - 1).bit_length())
-
-
-def _pad_head(x, head_dim):
-    if x.shape[-1] == head_dim:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
-
-
-def _pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling):
-    if q_segment_ids is None:
-        return None, None
-    # Edge padding keeps each tile's id range, which the segment skip compares.
-    return (
-        q_tiling.pad(q_segment_ids.astype(jnp.int32), mode="edge"),
-        kv_tiling.pad(kv_segment_ids.astype(jnp.int32), mode="edge"),
-    )
-
-
-def _offsets(q_offset, kv_offset):
-    return jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
-
-
-def _typed_alike(operands):
-    """Operands made varying over every shard_map axis any of them varies over, as for an
-    elementwise op, and that manual axis type, which the kernels' outputs have (pallas_call
-    needs it spelled out under shard_map's vma check)."""
-    arrays = [x for x in operands if x is not None]
-    operands = tuple(None if x is None else match_vma(x, *arrays) for x in operands)
-    return operands, jax.typeof(operands[0]).manual_axis_type
-
-
-def _precision(dtype):
-    # float32 inputs keep float32 products (Triton's default would round them to TF32).
-    return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
 
 
 def _num_warps(head_dim):
@@ -340,30 +221,6 @@ def _dot(a, b, *, contract, precision):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _kv_range(q_first, q_last, kv_offset, kv_tiling, *, causal, window):
-    """[lo, hi) key tiles that some query at global positions q_first..q_last may see."""
-    lo, hi = 0, kv_tiling.num_tiles
-    if window is not None:
-        lo = kv_tiling.first_tile(q_first - kv_offset - window + 1)
-    if causal:
-        hi = kv_tiling.end_tile(q_last - kv_offset + 1)
-    elif window is not None:
-        hi = kv_tiling.end_tile(q_last - kv_offset + window)
-    return lo, hi
-
-
-def _q_range(kv_first, kv_last, q_offset, q_tiling, *, causal, window):
-    """[lo, hi) query tiles that may see some key at global positions kv_first..kv_last."""
-    lo, hi = 0, q_tiling.num_tiles
-    if causal:
-        lo = q_tiling.first_tile(kv_first - q_offset)
-    elif window is not None:
-        lo = q_tiling.first_tile(kv_first - q_offset - window + 1)
-    if window is not None:
-        hi = q_tiling.end_tile(kv_last - q_offset + window)
-    return lo, hi
-
-
 def _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, *, causal, window):
     """[tq, tk] bool of visible (query, key) pairs, or None when every pair is visible."""
     masks = []
@@ -430,7 +287,7 @@ def _fwd_kernel(
 
         return _run_if(None if q_ids is None else _ids_overlap(q_ids, kv_ids), compute, carry)
 
-    lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+    lo, hi = kv_tile_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
     acc = jnp.zeros(o_ref.shape, jnp.float32)
     m = jnp.full((tq,), -jnp.inf, jnp.float32)
     l = jnp.zeros((tq,), jnp.float32)
@@ -475,7 +332,7 @@ def _dq_kernel(
 
         return _run_if(None if q_ids is None else _ids_overlap(q_ids, kv_ids), compute, dq)
 
-    lo, hi = _kv_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
+    lo, hi = kv_tile_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
     dq = lax.fori_loop(lo, hi, kv_step, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = dq * scale
 
@@ -491,7 +348,7 @@ def _dkv_kernel(
     kv_pos = kv_first + jnp.arange(tk, dtype=jnp.int32)
     k, v = k_ref[...], v_ref[...]
     kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
-    lo, hi = _q_range(kv_first, kv_first + count - 1, q_offset, q_tiling, causal=causal, window=window)
+    lo, hi = q_tile_range(kv_first, kv_first + count - 1, q_offset, q_tiling, causal=causal, window=window)
 
     def head(g, carry):
         def q_step(i, carry):

@@ -13,17 +13,10 @@ the matmul that writes it and the elementwise passes that read it.
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def match_vma(x, *refs):
-    """`x` made varying over every manual mesh axis any of `refs` varies over (shard_map typing)."""
-    have = jax.typeof(x).manual_axis_type.varying
-    want = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
-    missing = tuple(sorted(want - have))
-    return lax.pcast(x, missing, to="varying") if missing else x
+from pallas_kernels.common import match_vma
 
 
 def _q_rows(x, block_q, K):

@@ -45,14 +45,14 @@ def _largest_divisor_up_to(length, preferred):
 
 
 def fit_block_sizes(block_sizes, T, S):
-    """Concrete `(block_q, block_kv, block_q_dkv, block_kv_dkv)` for a `[T] x [S]` tile grid.
+    """A `BlockSizes` with every field set for a `[T] x [S]` tile grid.
 
     `None` picks the largest divisors of T and S up to `DEFAULT_BLOCK`; given sizes must divide.
     """
     if block_sizes is None:
         bq = _largest_divisor_up_to(T, DEFAULT_BLOCK)
         bk = _largest_divisor_up_to(S, DEFAULT_BLOCK)
-        return bq, bk, bq, bk
+        return BlockSizes(bq, bk, bq, bk)
     bq_dkv, bk_dkv = block_sizes.backward
     for name, block, length, length_name in (
         ("block_q", block_sizes.block_q, T, "T"),
@@ -65,4 +65,4 @@ def fit_block_sizes(block_sizes, T, S):
                 f"{length_name}={length} (the local length each kernel call tiles) must be "
                 f"divisible by {name}={block}"
             )
-    return block_sizes.block_q, block_sizes.block_kv, bq_dkv, bk_dkv
+    return BlockSizes(block_sizes.block_q, block_sizes.block_kv, bq_dkv, bk_dkv)

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_xla import match_vma
 from pallas_kernels.feedforward_xla import cotangent_like
 
 
@@ -19,13 +18,6 @@ def pad_to(a, dtype, rows, cols):
     if a.shape == (rows, cols):
         return a
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
-
-
-def typed_alike(*operands):
-    """Operands made varying over every shard_map axis any of them varies over, and that manual
-    axis type, which the kernels' outputs have (pallas_call needs it spelled out under the vma check)."""
-    operands = tuple(match_vma(a, *operands) for a in operands)
-    return operands, jax.typeof(operands[0]).manual_axis_type
 
 
 def differentiable(forward, backward):

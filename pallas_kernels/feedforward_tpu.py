@@ -35,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up, typed_alike
+from pallas_kernels.common import typed_alike
+from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up
 
 NUM_LANES = 128
 # Token tiles are multiples of this many rows (a bfloat16 (16, 128) tile; float32 needs 8).

@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up, typed_alike
+from pallas_kernels.common import matmul_precision, typed_alike
+from pallas_kernels.feedforward_fused import differentiable, pad_to, round_up
 
 # Smallest tensor dimension Triton's dot accepts; every tile is a power of two at least this.
 MIN_TILE = 16
@@ -129,7 +130,7 @@ def _forward(x, w_gate, w_up, w_down, spec):
     operands, vma = typed_alike(
         pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp), pad_to(w_down, dtype, Fp, Dp), out
     )
-    out = _fwd_call(t, precision=_precision(dtype), vma=vma, interpret=spec.interpret)(*operands)
+    out = _fwd_call(t, precision=matmul_precision(dtype), vma=vma, interpret=spec.interpret)(*operands)
     return out[: t.M, : t.D].astype(x.dtype)
 
 
@@ -146,7 +147,7 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
         pad_to(x, dtype, Mp, Dp), pad_to(dy, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp),
         pad_to(w_down, dtype, Fp, Dp), *zeros,
     )
-    dx, dw_gate, dw_up, dw_down = _bwd_call(t, precision=_precision(dtype), vma=vma, interpret=spec.interpret)(
+    dx, dw_gate, dw_up, dw_down = _bwd_call(t, precision=matmul_precision(dtype), vma=vma, interpret=spec.interpret)(
         *operands
     )
     M, D, F = t.M, t.D, t.F
@@ -154,11 +155,6 @@ def _backward(x, w_gate, w_up, w_down, dy, spec):
 
 
 _feedforward = differentiable(_forward, _backward)
-
-
-def _precision(dtype):
-    # float32 inputs keep float32 products (Triton's default would round them to TF32).
-    return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
 
 
 def _specs(t):

@@ -7,35 +7,20 @@ tokens are replicated; each device attends them to its own shard, and the float3
 the cache.
 """
 
-import math
 from collections.abc import Hashable
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ring_attn.layout import LAYOUTS
+from ring_attn.checks import check_layout, checked_scale, ring_position
 
 # Finite, so a row whose keys are all masked stays finite (it is then set to 0 explicitly).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _ring_position(axis_name, fn):
-    """(ring size, this device's index); (1, 0) for axis_name=None."""
-    if axis_name is None:
-        return 1, 0
-    try:
-        return lax.axis_size(axis_name), lax.axis_index(axis_name)
-    except NameError:
-        raise ValueError(
-            f"{axis_name=} is not bound: call {fn} inside jax.shard_map over a mesh with that axis, "
-            "or pass axis_name=None for one device"
-        ) from None
-
-
 def _check_layout(layout, cache_len):
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
+    check_layout(layout)
     if layout == "zigzag" and cache_len % 2:
         raise ValueError(
             f"layout='zigzag' holds two chunks per device, so the local cache length must be even, got {cache_len}"
@@ -49,7 +34,7 @@ def cache_positions(cache_len, axis_name, layout="contiguous"):
     (slots 0..half-1) and chunk 2R-1-i (slots half..C-1) of the 2R chunks of the global cache.
     """
     _check_layout(layout, cache_len)
-    ring_size, index = _ring_position(axis_name, "cache_positions")
+    ring_size, index = ring_position(axis_name, "cache_positions")
     if layout == "contiguous":
         return index * cache_len + jnp.arange(cache_len, dtype=jnp.int32)
     half = cache_len // 2
@@ -127,11 +112,8 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
     if N % K:
         raise ValueError(f"k_cache has {K=} heads, which must divide q's {N=}")
     _check_layout(layout, C)
-    if scale is None:
-        scale = 1.0 / math.sqrt(H)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
-    ring_size, index = _ring_position(axis_name, "ring_decode")
+    scale = checked_scale(scale, H)
+    ring_size, index = ring_position(axis_name, "ring_decode")
     kv_length = _per_row("kv_length", kv_length, B, 0, ring_size * C)
 
     # Local partial over this shard. Query j of row b sees slot c when pos[c] <= its own position;
@@ -196,7 +178,7 @@ def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | N
             f"k_new [B, n, K, H] = {k_new.shape} must match k_cache [B, C, K, H] = {k_cache.shape} on B, K, H"
         )
     _check_layout(layout, C)
-    ring_size, index = _ring_position(axis_name, "ring_cache_update")
+    ring_size, index = ring_position(axis_name, "ring_cache_update")
     position = _per_row("position", position, B)
 
     pos = position[:, None] + jnp.arange(n, dtype=jnp.int32)  # [B, n] global positions

@@ -23,23 +23,24 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels
+from ring_attn.checks import ring_position
 from ring_attn.layout import halves
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RingSpec:
-    """The static part of a call, hashable so it can be a `custom_vjp` non-differentiable arg."""
+    """The static part of a call, hashable so it can be a `custom_vjp` non-differentiable arg.
+
+    `block_sizes` has every field set (`pallas_kernels.fit_block_sizes`).
+    """
 
     axis_name: Hashable | None
     causal: bool
     window: int | None
     scale: float
     layout: str
-    impl: str
-    block_q: int
-    block_kv: int
-    block_q_dkv: int
-    block_kv_dkv: int
+    impl: pallas_kernels.Kernel
+    block_sizes: pallas_kernels.BlockSizes
 
     @property
     def zigzag_causal(self):
@@ -63,13 +64,7 @@ def merge(out1, lse1, out2, lse2):
     return w1 * out1 + w2 * out2, lse
 
 
-def _ring_position(axis_name):
-    if axis_name is None:
-        return 1, 0
-    return lax.axis_size(axis_name), lax.axis_index(axis_name)
-
-
-def _shift(x, axis_name, ring_size, hops=1):
+def shift(x, axis_name, ring_size, hops=1):
     """Sends every device's `x` to the device `hops` further round the ring."""
     perm = [(i, (i + hops) % ring_size) for i in range(ring_size)]
     return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
@@ -102,15 +97,15 @@ def _run_ring(first_step, step, kv, spec, num_steps):
     """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` for steps
     1..num_steps-1, where `src` is the rank whose k/v shard is in hand. The shard for step s+1
     is sent before step s computes; the last step sends nothing."""
-    ring_size, rank = _ring_position(spec.axis_name)
+    ring_size, rank = ring_position(spec.axis_name)
     if num_steps == 1:
         return first_step(kv)
-    kv_next = _shift(kv, spec.axis_name, ring_size)
+    kv_next = shift(kv, spec.axis_name, ring_size)
     carry = first_step(kv)
 
     def body(state, s):
         carry, kv = state
-        kv_next = _shift(kv, spec.axis_name, ring_size)
+        kv_next = shift(kv, spec.axis_name, ring_size)
         return (step(carry, kv, (rank - s) % ring_size), kv_next), None
 
     (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, num_steps - 1))
@@ -126,14 +121,14 @@ class _Plan:
 
     def __init__(self, spec, T, S):
         self.spec = spec
-        self.ring_size, self.rank = _ring_position(spec.axis_name)
+        self.ring_size, self.rank = ring_position(spec.axis_name)
         self.T, self.S = T, S
         self.num_steps = steps_needed(self.ring_size, T, causal=spec.causal, window=spec.window)
 
     def branch(self, pred, true_fn, false_fn):
         """`lax.cond` on a per-device predicate. Interpreted TPU kernels synchronise all devices
         inside every kernel call, so there each device runs both branches and selects."""
-        if self.spec.impl not in pallas_kernels.INTERPRETED:
+        if not self.spec.impl.interpreted:
             return lax.cond(pred, true_fn, false_fn)
         return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn())
 
@@ -173,7 +168,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
     plan = _Plan(spec, q.shape[1], k.shape[1])
     shard_fwd = functools.partial(
         pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale,
-        block_q=spec.block_q, block_kv=spec.block_kv,
+        block_q=spec.block_sizes.block_q, block_kv=spec.block_sizes.block_kv,
     )
 
     def partial_attention(q_part, kv_part, kv, **masking):
@@ -199,13 +194,14 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
     return _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
 
 
-def _backward(spec, residuals, d_out):
+def backward(spec, residuals, d_out):
+    """The ring's backward from `_ring_attention_fwd`'s residuals: (dq, dk, dv, None, None)."""
     q, k, v, q_seg, kv_seg, out, lse = residuals
     plan = _Plan(spec, q.shape[1], k.shape[1])
     delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     shard_bwd = functools.partial(
         pallas_kernels.attention_bwd, impl=spec.impl, scale=spec.scale,
-        block_q=spec.block_q_dkv, block_kv=spec.block_kv_dkv,
+        block_q=spec.block_sizes.block_q_dkv, block_kv=spec.block_sizes.block_kv_dkv,
     )
 
     def contributions(q_part, kv_part, kv, **masking):
@@ -229,13 +225,13 @@ def _backward(spec, residuals, d_out):
     def step(carry, kv, src):
         dq, dkv = carry
         # The accumulator of the shard now in hand arrives while this step computes.
-        dkv = _shift(dkv, spec.axis_name, plan.ring_size)
+        dkv = shift(dkv, spec.axis_name, plan.ring_size)
         dq_s, dk_s, dv_s = plan.later_step(src, functools.partial(contributions, kv=kv), nothing)
         return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
     dq, dkv = _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
     if plan.num_steps > 1:  # home to the owner, num_steps - 1 hops back
-        dkv = _shift(dkv, spec.axis_name, plan.ring_size, hops=1 - plan.num_steps)
+        dkv = shift(dkv, spec.axis_name, plan.ring_size, hops=1 - plan.num_steps)
     dk, dv = dkv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
@@ -252,4 +248,4 @@ def _ring_attention_fwd(q, k, v, q_seg, kv_seg, spec):
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
-ring_attention_shard.defvjp(_ring_attention_fwd, _backward)
+ring_attention_shard.defvjp(_ring_attention_fwd, backward)

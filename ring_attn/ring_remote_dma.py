@@ -14,7 +14,7 @@ Causal (contiguous layout): every step runs the kernel with global positions; a 
 lies wholly in the future has every tile skipped inside the kernel (no compute, no k/v tile
 fetched), but its kernel still forwards the shard, so the ring keeps turning.
 
-The gradient is the ppermute ring's backward (`ring._backward`), from the same residuals
+The gradient is the ppermute ring's backward (`ring.backward`), from the same residuals
 (out and the float32 lse of the whole ring): there the k/v shards and the travelling dk/dv
 accumulators move with `lax.ppermute`, not by remote DMA.
 
@@ -34,11 +34,9 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels
-from pallas_kernels import BlockSizes, attention_tpu
-from pallas_kernels.backend import TPU, TPU_INTERPRET
+from pallas_kernels import BlockSizes, Kernel, attention_tpu
 from ring_attn import ring
-from ring_attn.attention import _check_qkv, _checked_scale, _ring_size, _split_segment_ids
-from ring_attn.layout import LAYOUTS
+from ring_attn.checks import check_layout, check_qkv, checked_scale, ring_position, split_segment_ids
 
 
 def ring_attention_remote_dma(
@@ -73,12 +71,11 @@ def ring_attention_remote_dma(
     Returns:
       [B, T, N, H] in q's dtype. Differentiable; the backward is the ppermute ring's.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     B, T, N, H = q.shape
     S = k.shape[1]
-    q_seg, kv_seg = _split_segment_ids(segment_ids, B, T, S)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
+    q_seg, kv_seg = split_segment_ids(segment_ids, B, T, S)
+    check_layout(layout)
     if layout != "contiguous":
         raise NotImplementedError(
             f"ring_attention_remote_dma supports layout='contiguous' only, got {layout=}: its kernel "
@@ -90,7 +87,7 @@ def ring_attention_remote_dma(
             f"ring_attention_remote_dma has no sliding window, got {window=}: use "
             "ring_attn.ring_attention(..., window=..., impl='pallas_tpu'), whose transfers are ppermutes"
         )
-    ring_size = _ring_size(axis_name)
+    ring_size, _ = ring_position(axis_name, "ring_attention_remote_dma")
     if causal and T != S and ring_size > 1:
         raise ValueError(f"causal ring attention needs equal local query and key lengths, got {T=} and {S=}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
@@ -98,9 +95,9 @@ def ring_attention_remote_dma(
     interpret = _resolve_interpret(interpret)
     spec = _Spec(
         ring.RingSpec(
-            axis_name, bool(causal), None, _checked_scale(scale, H), "contiguous",
-            TPU if interpret is None else TPU_INTERPRET,
-            *pallas_kernels.fit_block_sizes(block_sizes, T, S),
+            axis_name=axis_name, causal=bool(causal), window=None, scale=checked_scale(scale, H),
+            layout="contiguous", impl=Kernel.TPU if interpret is None else Kernel.TPU_INTERPRET,
+            block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
         ),
         interpret,
     )
@@ -134,12 +131,12 @@ class _Spec:
 def _forward(q, k, v, q_seg, kv_seg, spec):
     """float32 (out [B, T, N, H], lse [B, N, T]) over the whole ring."""
     rs = spec.ring
-    ring_size, rank = ring._ring_position(rs.axis_name)
+    ring_size, rank = ring_position(rs.axis_name)
     B, T, N, H = q.shape
     S = k.shape[1]
     masking = dict(
         q_segment_ids=q_seg, q_offset=rank * T, causal=rs.causal, scale=rs.scale,
-        block_q=rs.block_q, block_kv=rs.block_kv, interpret=spec.interpret,
+        block_q=rs.block_sizes.block_q, block_kv=rs.block_sizes.block_kv, interpret=spec.interpret,
     )
 
     def attend(kv, src, *, send):
@@ -179,7 +176,7 @@ def _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, spec):
 
 
 def _remote_dma_ring_bwd(spec, residuals, d_out):
-    return ring._backward(spec.ring, residuals, d_out)
+    return ring.backward(spec.ring, residuals, d_out)
 
 
 _remote_dma_ring.defvjp(_remote_dma_ring_fwd, _remote_dma_ring_bwd)

@@ -11,7 +11,6 @@ from conftest import assert_close, oracle_with_lse, random_qkv, random_segments
 import pallas_kernels
 import reference
 
-
 CASES = [
     # (T, S, N, K, H, block_q, block_kv, q_offset, kv_offset, causal, segments)
     (32, 32, 4, 4, 64, 8, 8, 0, 0, True, False),

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_zoo import TINY
 from model_zoo.corpus import CITIES, corpus_documents
 from model_zoo.data import needle_example, packed_batch
 from model_zoo.tokenizer import Tokenizer, default_tokenizer
-from model_zoo import TINY
 from model_zoo.train import TrainConfig, _row_normalised, loss_fn
 
 

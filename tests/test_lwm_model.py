@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import reference
-from conftest import assert_close
 from model_zoo import LWM_7B, TINY, LWMConfig, forward, init_params, make_mesh, preset
 from model_zoo.config import LWM_7B_128K, LWM_7B_512K
 from model_zoo.sharding import param_shardings

@@ -7,11 +7,10 @@ import sys
 import time
 
 import jax
+import multihost_worker
 import numpy as np
 import pytest
 from conftest import ring_mesh
-
-import multihost_worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -43,7 +43,7 @@ def compile_simulated_threads_once():
     thread_map._run_jaxpr = original
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(*, causal, window, block_q, block_kv):
     """The jitted interpreted forward; offsets and segment ids are traced arguments."""
     kw = dict(causal=causal, window=window, scale=SCALE, block_q=block_q, block_kv=block_kv, interpret=True)
@@ -154,9 +154,9 @@ def test_float32_is_refused_by_name():
 
 
 def test_only_chosen_by_name():
-    assert backend.resolve_impl("pallas_mgpu") == backend.MGPU_INTERPRET  # CPU
+    assert backend.resolve_impl("pallas_mgpu") == backend.Kernel.MGPU_INTERPRET  # CPU
     for impl in ("auto", "pallas"):
-        assert backend.resolve_impl(impl) not in (backend.MGPU, backend.MGPU_INTERPRET)
+        assert backend.resolve_impl(impl) not in (backend.Kernel.MGPU, backend.Kernel.MGPU_INTERPRET)
 
 
 @pytest.mark.parametrize(

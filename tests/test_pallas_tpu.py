@@ -23,7 +23,7 @@ INTERPRET = pltpu.InterpretParams()
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(*, causal, window, scale, block_q, block_kv, given_delta):
     """Jitted forward + backward; offsets and segment ids are traced arguments. `given_delta`:
     the backward gets `delta` and no `out`."""

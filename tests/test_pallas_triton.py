@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh, PartitionSpec
 
 import reference
-from pallas_kernels import attention_triton, attention_xla
+from pallas_kernels import attention_triton, attention_xla, gpu_tiling
 
 TRITON_CALL_TARGET = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
 # Interpret mode's cost is XLA compiling the interpreter's loops, not running them: skip the
@@ -27,7 +27,7 @@ TRITON_CALL_TARGET = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.tr
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(*, causal, window, scale, block_q, block_kv):
     """Jitted forward + backward; offsets and segment ids are traced arguments."""
     kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_kv=block_kv, interpret=True)
@@ -52,7 +52,7 @@ def oracle(q, k, v, d_out, *, causal=False, window=None, scale, q_segment_ids=No
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(*, causal, window, scale):
     @jax.jit
     def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
@@ -129,7 +129,7 @@ def test_any_block_sizes_that_divide_the_lengths(block_q, block_kv, causal, offs
 def test_tiling_maps_positions_to_tiles(length_blocks, block, cap):
     # Every tile is a power of two >= 16 holding a real row, and the loop bounds count the tiles
     # wholly before a position (first_tile) or starting before it (end_tile).
-    tiling = attention_triton._Tiling.make(length_blocks * block, block, cap)
+    tiling = gpu_tiling.Tiling.make(length_blocks * block, block, cap, attention_triton.MIN_TILE)
     assert tiling.tile >= attention_triton.MIN_TILE and tiling.tile & (tiling.tile - 1) == 0
     assert tiling.padded % tiling.tile == 0 and 0 <= tiling.padded - block < attention_triton.MIN_TILE
     padded_index = np.arange(tiling.padded_length).reshape(-1, tiling.tile)

@@ -7,7 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FULL, assert_close, assert_matches_oracle, oracle, output_and_grads, random_qkv, random_segments, ring_mesh
+from conftest import (
+    FULL,
+    assert_close,
+    assert_matches_oracle,
+    oracle,
+    output_and_grads,
+    random_qkv,
+    random_segments,
+    ring_mesh,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P

@@ -1,0 +1,27 @@
+"""What the Mosaic GPU attention kernels (forward and backward) share: register loads across JAX
+versions, and the per-tile-pair segment table that lets a kernel skip tiles of disjoint documents."""
+
+import inspect
+
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def load(ref, *, layout):
+    """`plgpu.load` of a whole (already indexed) ref into registers of `layout`, uncoalesced where
+    need be: JAX 0.10 requires the separate index argument, JAX 0.11 deprecates it, JAX 0.12 drops it."""
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    if idx is not None and idx.default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def segment_table(q_ids, kv_ids, q_tiling, kv_tiling):
+    """int32 [B, query tiles, key tiles]: 1 where the tiles' id ranges overlap (exact for the
+    sorted ids that packing produces; padding repeats the edge id, so ranges are unchanged)."""
+    B = q_ids.shape[0]
+    q_t = q_ids.reshape(B, q_tiling.num_tiles, q_tiling.tile)
+    kv_t = kv_ids.reshape(B, kv_tiling.num_tiles, kv_tiling.tile)
+    q_min, q_max = q_t.min(-1)[:, :, None], q_t.max(-1)[:, :, None]
+    kv_min, kv_max = kv_t.min(-1)[:, None, :], kv_t.max(-1)[:, None, :]
+    return ((q_min <= kv_max) & (kv_min <= q_max)).astype(jnp.int32)

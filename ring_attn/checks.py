@@ -1,0 +1,92 @@
+"""Validation shared by the public entry points: trace-time checks whose errors name the argument,
+what was expected and what was given."""
+
+import math
+from collections.abc import Hashable
+
+import jax.numpy as jnp
+from jax import lax
+
+from ring_attn.layout import LAYOUTS
+
+
+def check_qkv(q, k, v):
+    """q [B, T, N, H], k and v [B, S, K, H] of one floating dtype, K dividing N."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim != 4:
+            expected = "[B, T, N, H]" if name == "q" else "[B, S, K, H]"
+            raise ValueError(f"{name} must have rank 4, {expected}, got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    (B, _, N, H), (Bk, _, K, Hk) = q.shape, k.shape
+    if B != Bk:
+        raise ValueError(f"q and k must have the same batch size, got q {B=} and k B={Bk}")
+    if H != Hk:
+        raise ValueError(f"q and k must have the same head dim, got q {H=} and k H={Hk}")
+    if N % K:
+        raise ValueError(f"k has {K=} heads, which must divide q's {N=}")
+
+
+def checked_scale(scale, H):
+    """The score scale as a float: 1 / sqrt(H) for None, else a finite Python number."""
+    if scale is None:
+        return 1.0 / math.sqrt(H)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
+
+
+def _checked_ids(name, ids, shape, dims):
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        raise ValueError(f"{name} must be an integer array, got {type(ids).__name__}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must have shape {dims} = {shape}, got {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+    return ids.astype(jnp.int32)
+
+
+def split_segment_ids(segment_ids, B, T, S):
+    """int32 (q_ids [B, T], kv_ids [B, S]) from ids [B, T] (T == S) or a pair; (None, None)."""
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(f"segment_ids as a sequence must be a pair (q_ids, kv_ids), got {len(segment_ids)} items")
+        return (
+            _checked_ids("q_segment_ids", segment_ids[0], (B, T), "[B, T]"),
+            _checked_ids("kv_segment_ids", segment_ids[1], (B, S), "[B, S]"),
+        )
+    if T != S:
+        raise ValueError(
+            f"segment_ids [B, T] is for self-attention (T == S), got {T=} and {S=}: "
+            "pass a pair (q_segment_ids, kv_segment_ids)"
+        )
+    ids = _checked_ids("segment_ids", segment_ids, (B, T), "[B, T]")
+    return ids, ids
+
+
+def ring_position(axis_name: Hashable | None, fn="ring_attention"):
+    """(ring size, this device's index along `axis_name`); (1, 0) for None. `fn` names the public
+    function in the error raised when the axis is not bound."""
+    if axis_name is None:
+        return 1, 0
+    try:
+        return lax.axis_size(axis_name), lax.axis_index(axis_name)
+    except NameError:
+        global_form = " (or use ring_attention_global)" if fn == "ring_attention" else ""
+        raise ValueError(
+            f"{axis_name=} is not bound: call {fn} inside jax.shard_map over a mesh with that axis"
+            f"{global_form}, or pass axis_name=None for one device"
+        ) from None
