@@ -11,8 +11,8 @@ import numpy as np
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _visible(T, S, *, causal, q_segment_ids, kv_segment_ids, q_offset, kv_offset, window):
-    """[B or 1, T, S] bool: which key each query may attend to."""
+def visible_pairs(T, S, *, causal=False, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0, window=None):
+    """[B or 1, T, S] bool: which key each query may attend to (the masks of `attention_with_lse`)."""
     q_pos = q_offset + jnp.arange(T)[:, None]
     kv_pos = kv_offset + jnp.arange(S)[None, :]
     visible = jnp.ones((1, T, S), dtype=bool)
@@ -59,7 +59,7 @@ def attention_with_lse(
     v = jnp.repeat(v, N // K, axis=2)
     with jax.default_matmul_precision("highest"):
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(scale, dtype)
-        visible = _visible(
+        visible = visible_pairs(
             T, S, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             q_offset=q_offset, kv_offset=kv_offset, window=window,
         )[:, None]  # [B, 1, T, S]

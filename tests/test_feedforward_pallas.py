@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import FAST_COMPILE, abstract_mesh, assert_close, exported_module
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
@@ -25,9 +24,6 @@ import reference
 import ring_attn
 from pallas_kernels import feedforward_tpu, feedforward_triton
 
-TRITON_CALL_TARGET = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
-# Interpret mode's cost is XLA compiling the interpreter's loops: skip backend optimisations.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 GRADS = ("dx", "dw_gate", "dw_up", "dw_down")
 # LWM-7B (LLaMA-2 7B) widths, for the lowering checks.
 LWM_D, LWM_F = 4096, 11008
@@ -146,12 +142,14 @@ def test_bad_inputs_raise(call, message):
         call((x, w_gate, w_up, w_down))
 
 
+# Tokens over "sp", hidden units over "tp": x, w_gate, w_up, w_down.
+FFN_SPECS = (PartitionSpec("sp"), PartitionSpec(None, "tp"), PartitionSpec(None, "tp"), PartitionSpec("tp", None))
+
+
 def _sharded_loss(kernel, mesh):
-    """Sum of the feedforward over a ("sp", "tp") mesh: tokens over "sp", hidden units over "tp"."""
-    tokens, columns, rows = PartitionSpec("sp"), PartitionSpec(None, "tp"), PartitionSpec("tp", None)
+    """Sum of the feedforward over a ("sp", "tp") mesh, sharded as FFN_SPECS."""
     fn = jax.shard_map(
-        lambda x, *w: jax.lax.psum(kernel(x, *w), "tp"),
-        mesh=mesh, in_specs=(tokens, columns, columns, rows), out_specs=tokens,
+        lambda x, *w: jax.lax.psum(kernel(x, *w), "tp"), mesh=mesh, in_specs=FFN_SPECS, out_specs=FFN_SPECS[0],
     )
     return lambda *a: fn(*a).astype(jnp.float32).sum()
 
@@ -168,16 +166,11 @@ def test_kernels_lower_to_triton_for_cuda(M, D, F, tiles, dtype):
     # Exporting for CUDA runs the Pallas -> Triton lowering (power-of-two tiles, atomics, the
     # supported primitives) without a GPU; forward and backward, inside shard_map with the vma
     # check on (each device's weight gradients summed over "sp" by the custom_vjp).
-    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((2, 2), ("sp", "tp"), abstract_device=gpu)
+    mesh = abstract_mesh((2, 2), ("sp", "tp"), "cuda")
     kernel = functools.partial(feedforward_triton.feedforward, **tiles)
     fn = jax.jit(jax.value_and_grad(_sharded_loss(kernel, mesh), argnums=(0, 1, 2, 3)))
-    args = [jax.ShapeDtypeStruct(s, dtype) for s in ((M, D), (D, F), (D, F), (F, D))]
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(
-            fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
-        )(*args)
-    module = exported.mlir_module()
+    args = [(s, dtype) for s in ((M, D), (D, F), (D, F), (F, D))]
+    module = exported_module(fn, mesh, "cuda", args, FFN_SPECS)
     for name in ("ring_attn_ffn_fwd", "ring_attn_ffn_bwd"):
         assert f'name = "{name}"' in module, name
 
@@ -189,11 +182,10 @@ def test_kernels_lower_to_triton_for_cuda(M, D, F, tiles, dtype):
 def test_kernels_lower_to_mosaic_for_tpu(M, D, F, block_m, dtype):
     # Cross-lowering runs Pallas' TPU (Mosaic) lowering on this CPU: block shapes must satisfy the
     # TPU tiling rules and every op in the kernels must have a Mosaic lowering.
-    mesh = jax.sharding.AbstractMesh((2, 2), ("sp", "tp"))
+    mesh = abstract_mesh((2, 2), ("sp", "tp"), "tpu")
     kernel = functools.partial(feedforward_tpu.feedforward, block_m=block_m)
     fn = jax.jit(jax.value_and_grad(_sharded_loss(kernel, mesh), argnums=(0, 1, 2, 3)))
-    args = [jax.ShapeDtypeStruct(s, dtype) for s in ((M, D), (D, F), (D, F), (F, D))]
-    with jax.sharding.use_abstract_mesh(mesh):
-        module = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+    args = [(s, dtype) for s in ((M, D), (D, F), (D, F), (F, D))]
+    module = exported_module(fn, mesh, "tpu", args, FFN_SPECS)
     for name in ("ring_attn_tpu_ffn_fwd", "ring_attn_tpu_ffn_bwd_dx", "ring_attn_tpu_ffn_bwd_dw"):
         assert name in module, name

@@ -1,98 +1,199 @@
-"""The per-shard kernel contract (pallas_kernels, impl="xla") against the float64 oracle."""
+"""The per-shard kernel contract, one suite for every kernel family, against the float64 oracle.
 
+Each backend runs through `pallas_kernels.attention_fwd` / `attention_bwd` with a resolved
+`Kernel`: jnp ("xla"), Pallas Triton and Pallas TPU in their interpret modes, Mosaic GPU in its
+interpret mode. Capabilities decide what a backend is asked: Mosaic GPU takes 16-bit inputs only
+and computes 64-row tiles, so its cases are bfloat16/float16 ones of that shape. A new masking
+option is added to CASES once and checked on every backend.
+
+Every output element is written on every path: the Triton and Mosaic GPU interpreters fill fresh
+outputs with NaN (`test_interpreters_poison_fresh_outputs` proves it), so a missed write fails the
+finiteness check of `assert_close`; the TPU interpreter, as the hardware, carries the previous grid
+step's output block over, so a missed write there shows as another tile's values, which the oracle
+comparison rejects.
+"""
+
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, oracle_with_lse, random_qkv, random_segments
+from conftest import FAST_COMPILE, assert_kernel_matches_oracle, kernel_oracle, random_qkv, random_segments
 
 import pallas_kernels
-import reference
+from pallas_kernels import Kernel, attention_mgpu
+
+SCALE = 0.3
+pytestmark = pytest.mark.usefixtures("mgpu_threads_compiled_once")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    kernel: Kernel
+    sixteen_bit_only: bool = False  # wgmma operands: bfloat16 / float16
+
+    def __str__(self):
+        return self.kernel.value
+
+
+XLA = Backend(Kernel.XLA)
+TRITON = Backend(Kernel.TRITON_INTERPRET)
+TPU = Backend(Kernel.TPU_INTERPRET)
+MGPU = Backend(Kernel.MGPU_INTERPRET, sixteen_bit_only=True)
+BACKENDS = (XLA, TRITON, TPU, MGPU)
 
 CASES = [
-    # (T, S, N, K, H, block_q, block_kv, q_offset, kv_offset, causal, segments)
-    (32, 32, 4, 4, 64, 8, 8, 0, 0, True, False),
-    (24, 40, 8, 2, 80, 8, 8, 40, 16, True, True),  # offsets that mask whole tiles
-    (16, 48, 4, 1, 128, 16, 16, 0, 32, True, False),  # keys wholly in the future: every row sees nothing
-    (17, 9, 4, 2, 64, 17, 9, 0, 0, False, True),  # one tile plus one: odd lengths, a single tile each
-    (32, 32, 8, 4, 64, 16, 8, 7, 3, False, False),
+    # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, [(q_offset, kv_offset), ...])
+    # MHA on the diagonal; then shifted so that a whole tile is hidden and rows 0..6 see no key.
+    (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, [(0, 0), (5, 12)]),
+    # GQA 8:2, head dim 80 (padded on the GPU), segments, key blocks of 8; offsets that hide whole
+    # tiles, and one where every query sees at most one key (dq, dk zero by cancellation only).
+    (1, 16, 32, 8, 2, 80, 16, 8, True, None, True, jnp.float32, [(20, 16), (40, 16), (16, 16)]),
+    # MQA 4:1, head dim 128, query blocks of 8: keys wholly in the future (nothing visible), then
+    # wholly in the past.
+    (1, 16, 32, 4, 1, 128, 8, 16, True, None, False, jnp.float32, [(0, 32), (31, 0)]),
+    # Bidirectional with segments, GQA 4:2, head dim 32, batch 2, T != S, blocks of 12 and 24.
+    (2, 24, 48, 4, 2, 32, 12, 24, False, None, True, jnp.float32, [(0, 0)]),
+    # bfloat16 inputs, float32 accumulation.
+    (1, 32, 32, 4, 2, 64, 16, 16, True, None, False, jnp.bfloat16, [(0, 0), (16, 8)]),
+    # A causal sliding window: tiles skipped on both sides.
+    (1, 64, 64, 2, 1, 32, 16, 16, True, 10, False, jnp.float32, [(0, 0), (40, 0)]),
+    # A bidirectional window with segments.
+    (1, 32, 32, 2, 2, 64, 8, 8, False, 6, True, jnp.float32, [(3, 0)]),
+]
+
+# Mosaic GPU: 16-bit, tiles of 64 query rows. Interpret mode is slow: few, small cases.
+MGPU_CASES = [
+    # GQA 4:1, head dim 128 (key tiles of 64), segments, causal: on the diagonal; shifted so that
+    # rows 40..99 see no key; keys wholly in the future.
+    (1, 128, 256, 4, 1, 128, 128, 128, True, None, True, jnp.bfloat16, [(0, 0), (40, 100), (0, 200)]),
+    # MHA, head dim 64, bidirectional, batch 2, blocks of 48 (padded to 64 rows).
+    (2, 96, 96, 4, 4, 64, 48, 48, False, None, False, jnp.bfloat16, [(5, 0)]),
+    # float16, head dim 80 (padded to 128), GQA 2:1, a causal sliding window.
+    (1, 64, 128, 2, 1, 80, 64, 64, True, 24, False, jnp.float16, [(64, 0)]),
 ]
 
 
-@pytest.mark.parametrize("T,S,N,K,H,block_q,block_kv,q_offset,kv_offset,causal,segments", CASES)
-def test_forward_returns_out_and_lse(T, S, N, K, H, block_q, block_kv, q_offset, kv_offset, causal, segments):
-    q, k, v, _ = random_qkv(T * S, 2, T, N, K, H, S=S)
-    q_ids = random_segments(1, 2, T, 3) if segments else None
-    kv_ids = random_segments(2, 2, S, 3) if segments else None
-    fwd = jax.jit(
-        functools.partial(
-            pallas_kernels.attention_fwd, impl="xla", causal=causal, scale=0.3, block_q=block_q, block_kv=block_kv
-        )
-    )
-    # Offsets are traced: one compiled kernel serves every ring step.
-    out, lse = fwd(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=jnp.int32(q_offset), kv_offset=jnp.int32(kv_offset))
-    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-    expected, expected_lse = oracle_with_lse(
-        q, k, v, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=0.3, q_offset=q_offset, kv_offset=kv_offset
-    )
-    assert_close(out, expected, name="out")
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected_lse), err_msg="rows that see no key")
-    seen = np.isfinite(expected_lse)
-    assert_close(np.asarray(lse)[seen], expected_lse[seen], name="lse")
-    np.testing.assert_array_equal(np.asarray(out)[np.swapaxes(~seen, 1, 2)], 0.0)
+def backend_cases():
+    for backend in BACKENDS:
+        for case in MGPU_CASES if backend.sixteen_bit_only else CASES:
+            yield pytest.param(backend, *case, id=f"{backend}-{case[0]}x{case[1]}x{case[2]}-{case[5]}-{case[11].__name__}")
 
 
-@pytest.mark.parametrize("T,S,N,K,H,block_q,block_kv,q_offset,kv_offset,causal,segments", CASES)
-def test_backward_matches_oracle_gradients(T, S, N, K, H, block_q, block_kv, q_offset, kv_offset, causal, segments):
-    q, k, v, d_out = random_qkv(T + S, 2, T, N, K, H, S=S)
-    q_ids = random_segments(3, 2, T, 3) if segments else None
-    kv_ids = random_segments(4, 2, S, 3) if segments else None
-    masking = dict(causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
-    kernel = dict(impl="xla", scale=0.3, block_q=block_q, block_kv=block_kv)
-    out, lse = pallas_kernels.attention_fwd(q, k, v, **masking, **kernel)
-    grads = jax.jit(functools.partial(pallas_kernels.attention_bwd, **masking, **kernel))(q, k, v, out, lse, d_out)
-    with jax.enable_x64(True):
-        q64, k64, v64, do64 = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, d_out))
-        _, vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, scale=0.3, dtype=jnp.float64, **masking), q64, k64, v64)
-        expected = [np.asarray(g) for g in vjp(do64)]
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected):
-        assert g.dtype == jnp.float32
-        if np.linalg.norm(e) == 0:  # nothing visible: exactly zero
-            np.testing.assert_array_equal(np.asarray(g), 0.0, err_msg=name)
+@functools.cache
+def kernels(kernel, *, causal, window, block_q, block_kv, given_delta):
+    """Jitted forward + backward of one kernel; offsets and segment ids are traced arguments, so one
+    compiled kernel serves every offset. `given_delta`: the backward gets `delta` and no `out`."""
+    kw = dict(impl=kernel, causal=causal, window=window, scale=SCALE, block_q=block_q, block_kv=block_kv)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
+        masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
+        out, lse = pallas_kernels.attention_fwd(q, k, v, **masking, **kw)
+        if given_delta:
+            delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out)
+            grads = pallas_kernels.attention_bwd(q, k, v, None, lse, d_out, delta=delta, **masking, **kw)
         else:
-            assert_close(g, e, kind="gradient", name=name)
+            grads = pallas_kernels.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
+        return out, lse, grads
+
+    return run
 
 
-def test_tiles_above_the_diagonal_are_skipped_not_masked():
-    # NaN in every key/value tile that causality hides entirely: a computed-then-masked tile
-    # would spread it (0 * NaN), a skipped one cannot.
-    T = S = 32
-    q, k, v, d_out = random_qkv(5, 1, T, 4, 4, 32)
-    hidden = np.zeros((1, S, 1, 1), bool)
-    hidden[:, 16:] = True  # tiles 2 and 3 of size 8, seen by no query of tiles 0 and 1
-    k_nan = jnp.where(hidden, jnp.nan, k)
-    v_nan = jnp.where(hidden, jnp.nan, v)
-    q_top, do_top = q[:, :16], d_out[:, :16]
-    kw = dict(impl="xla", causal=True, scale=0.2, block_q=8, block_kv=8)
-    out, lse = pallas_kernels.attention_fwd(q_top, k_nan, v_nan, **kw)
+@pytest.mark.parametrize(
+    "backend,B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,offsets", list(backend_cases())
+)
+def test_forward_and_backward_match_kernel_oracle(
+    backend, B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets
+):
+    q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)
+    q_ids = random_segments(T, B, T, 3) if segments else None
+    kv_ids = random_segments(S + 1, B, S, 3) if segments else None
+    run = kernels(backend.kernel, causal=causal, window=window, block_q=block_q, block_kv=block_kv,
+                  given_delta=dtype != jnp.float32)
+    for q_offset, kv_offset in offsets:
+        out, lse, grads = run(q, k, v, d_out, q_ids, kv_ids, jnp.int32(q_offset), jnp.int32(kv_offset))
+        expected = kernel_oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, causal=causal, window=window)
+        assert_kernel_matches_oracle(out, lse, grads, expected, dtype)
+
+
+def _hidden_case(backend):
+    """(shape and blocks, dtype) of a causal call, in each backend's tile shape, whose queries at
+    0..T-1 and keys from T/2 on include whole key tiles (T/2 onwards locally) above the diagonal."""
+    if backend.sixteen_bit_only:  # key tiles of 64 at head dim 128
+        return dict(B=1, T=128, S=256, N=4, K=1, H=128, block_q=128, block_kv=128), jnp.bfloat16
+    return dict(B=1, T=32, S=32, N=4, K=4, H=64, block_q=16, block_kv=16), jnp.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+def test_tiles_hidden_by_traced_offsets_are_skipped_not_masked(backend):
+    # NaN in every key/value tile that causality hides from all queries: a computed-then-masked
+    # tile would spread it (0 * NaN), a skipped one cannot. Offsets are traced, as in a ring.
+    shape, dtype = _hidden_case(backend)
+    B, T, S, N, K, H = (shape[x] for x in "BTSNKH")
+    offset = T // 2
+    q, k, v, d_out = random_qkv(5, B, T, N, K, H, S=S, dtype=dtype)
+    k_nan, v_nan = k.at[:, offset:].set(jnp.nan), v.at[:, offset:].set(jnp.nan)
+    run = kernels(backend.kernel, causal=True, window=None, block_q=shape["block_q"], block_kv=shape["block_kv"],
+                  given_delta=dtype != jnp.float32)
+    out, lse, (dq, dk, dv) = run(q, k_nan, v_nan, d_out, None, None, jnp.int32(0), jnp.int32(offset))
     assert np.all(np.isfinite(np.asarray(out))), "a tile wholly above the diagonal was computed"
-    out_ref, _ = pallas_kernels.attention_fwd(q_top, k[:, :16], v[:, :16], **kw)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-6)
-    dq, dk, dv = pallas_kernels.attention_bwd(q_top, k_nan, v_nan, out, lse, do_top, **kw)
-    assert np.all(np.isfinite(np.asarray(dq))), "the backward computed a tile wholly above the diagonal"
-    np.testing.assert_array_equal(np.asarray(dk)[:, 16:], 0.0)
+    assert np.all(np.isfinite(np.asarray(dq))), "the dq kernel computed a tile wholly above the diagonal"
+    np.testing.assert_array_equal(np.asarray(dk)[:, offset:], 0.0, err_msg="the dk/dv kernel computed it")
+    np.testing.assert_array_equal(np.asarray(dv)[:, offset:], 0.0)
+    expected = kernel_oracle(q, k, v, d_out, q_offset=0, kv_offset=offset, causal=True)
+    assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, dtype)
 
 
-def test_tiles_with_no_common_segment_are_skipped():
-    T = 32
-    q, k, v, _ = random_qkv(6, 1, T, 4, 4, 32)
-    ids = jnp.asarray(np.repeat(np.arange(4), 8)[None], jnp.int32)  # one document per tile of 8
-    v_nan = v.at[:, 8:16].set(jnp.nan)  # document 1's values; only document 1's queries may read them
-    out, _ = pallas_kernels.attention_fwd(
-        q, k, v_nan, q_segment_ids=ids, kv_segment_ids=ids, impl="xla", scale=0.2, block_q=8, block_kv=8
-    )
-    out = np.asarray(out)
-    assert np.all(np.isfinite(out[:, :8])) and np.all(np.isfinite(out[:, 16:])), "a tile with no common segment was computed"
-    assert np.all(np.isnan(out[:, 8:16])), "document 1 must read its own values"
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+def test_tiles_with_no_common_segment_are_skipped(backend):
+    # One document per tile, so id ranges are disjoint; the values of document 2, to which no
+    # query belongs, are NaN, and must reach nothing.
+    tile = 64 if backend.sixteen_bit_only else 8
+    dtype = jnp.bfloat16 if backend.sixteen_bit_only else jnp.float32
+    q, k, v, d_out = random_qkv(6, 2, 2 * tile, 2, 1, 64, S=3 * tile, dtype=dtype)
+    q_ids = jnp.asarray(np.repeat([[0, 1], [1, 0]], tile, axis=1), jnp.int32)
+    kv_ids = jnp.asarray(np.repeat([[0, 1, 2], [0, 1, 2]], tile, axis=1), jnp.int32)
+    v_nan = v.at[:, 2 * tile:].set(jnp.nan)
+    run = kernels(backend.kernel, causal=False, window=None, block_q=tile, block_kv=tile,
+                  given_delta=dtype != jnp.float32)
+    out, lse, (dq, dk, dv) = run(q, k, v_nan, d_out, q_ids, kv_ids, jnp.int32(0), jnp.int32(0))
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert np.all(np.isfinite(np.asarray(x))), f"{name}: a tile with no common segment was computed"
+    expected = kernel_oracle(q, k, v, d_out, q_ids, kv_ids, causal=False)
+    assert_kernel_matches_oracle(out, lse, (dq, dk, dv), expected, dtype)
+
+
+def test_interpreters_poison_fresh_outputs():
+    # The premise of "a missed write fails": the Triton (HLO) and Mosaic GPU interpreters hand a
+    # kernel NaN-filled outputs. A kernel that writes only its first block leaves NaN in the rest.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)), jnp.float32)
+
+    def first_block_only(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    block = pl.BlockSpec((8, 128), lambda i: (i, 0))
+    triton = pl.pallas_call(first_block_only, grid=(2,), in_specs=[block], out_specs=block,
+                            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)
+
+    def copy_first_rows(x_ref, o_ref, smem, barrier):
+        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, 8)], smem, barrier)
+        plgpu.barrier_wait(barrier)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, o_ref.at[pl.ds(0, 8)])
+        plgpu.wait_smem_to_gmem(0)
+
+    mgpu = plgpu.kernel(copy_first_rows, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        scratch_types=[plgpu.SMEM((8, 128), jnp.float32), plgpu.Barrier()],
+                        interpret=attention_mgpu.interpret_params())
+    for name, kernel in (("triton", triton), ("mosaic gpu", mgpu)):
+        y = np.asarray(kernel(x))
+        np.testing.assert_array_equal(y[:8], np.asarray(x[:8]), err_msg=name)
+        assert np.isnan(y[8:]).all(), f"the {name} interpreter did not poison the rows the kernel left unwritten"

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, oracle, output_and_grads, random_qkv, random_segments, ring_mesh
+from conftest import FAST_COMPILE, assert_close, oracle, output_and_grads, random_qkv, random_segments, ring_mesh
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
@@ -19,8 +19,6 @@ import ring_attn
 from pallas_kernels import attention_tpu
 from ring_attn.ring_remote_dma import ring_attention_remote_dma
 
-# Interpret mode's cost is compiling the interpreter's loops: optimise them less.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 SEQ = P(None, "sp")
 
 
