@@ -69,9 +69,9 @@ def correctness(impl, cases, block):
         oracle = functools.partial(reference.attention, causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
 
         @jax.jit
-        def both(q, k, v, d_out):
+        def both(q, k, v, d_out, ours=ours, oracle=oracle):
             out, vjp = jax.vjp(ours, q, k, v)
-            ref, ref_vjp = jax.vjp(lambda *a: oracle(*(x.astype(jnp.float32) for x in a)), q, k, v)
+            ref, ref_vjp = jax.vjp(lambda *xs: oracle(*(x.astype(jnp.float32) for x in xs)), q, k, v)
             return (out, *vjp(d_out)), (ref, *ref_vjp(d_out.astype(jnp.float32)))
 
         case = dict(impl=impl, B=B, L=L, N=N, K=K, H=H, causal=causal, segments=segments, dtype=dtype_name)
@@ -103,11 +103,15 @@ def timing(impls, lengths, head_dims, B, N, runs, on_gpu):
                 for name in ("cudnn", "xla"):
                     if name == "cudnn" and not on_gpu:
                         continue
-                    candidates[name] = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=name)
+                    candidates[name] = functools.partial(
+                        jax.nn.dot_product_attention, is_causal=causal, implementation=name
+                    )
                 row = dict(L=L, H=H, B=B, N=N, causal=causal)
                 for name, fn in candidates.items():
                     fwd = jax.jit(fn)
-                    grad = jax.jit(jax.grad(lambda q, k, v, d, fn=fn: jnp.sum((fn(q, k, v) * d).astype(jnp.float32)), argnums=(0, 1, 2)))
+                    grad = jax.jit(jax.grad(
+                        lambda q, k, v, d, fn=fn: jnp.sum((fn(q, k, v) * d).astype(jnp.float32)), argnums=(0, 1, 2)
+                    ))
                     try:
                         t_fwd = median_time(fwd, (q, k, v), runs)
                         t_all = median_time(grad, (q, k, v, d_out), runs)
@@ -142,11 +146,13 @@ def markdown(report):
     lines += ["## Correctness (relative Frobenius error vs reference)", "",
               "| impl | B | L | N:K | H | causal | segments | dtype | out | dq | dk | dv | ok |", "|" + "---|" * 13]
     for r in report["correctness"]:
-        case = f"| {r['impl']} | {r['B']} | {r['L']} | {r['N']}:{r['K']} | {r['H']} | {r['causal']} | {r['segments']} | {r['dtype']} "
+        case = (f"| {r['impl']} | {r['B']} | {r['L']} | {r['N']}:{r['K']} | {r['H']} | {r['causal']} "
+                f"| {r['segments']} | {r['dtype']} ")
         if "error" in r:
             lines.append(case + f"| {r['error']} | | | | NO |")
         else:
-            lines.append(case + f"| {r['out']:.1e} | {r['dq']:.1e} | {r['dk']:.1e} | {r['dv']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+            lines.append(case + f"| {r['out']:.1e} | {r['dq']:.1e} | {r['dk']:.1e} | {r['dv']:.1e} "
+                                f"| {'yes' if r['ok'] else 'NO'} |")
     lines += ["", f"bf16 matmul ceiling: {report['matmul_tflops']:.1f} TFLOP/s", "",
               "## Timing, bfloat16 (TFLOP/s; ratio = cuDNN (or Triton) time / ours)", "",
               "| L | H | causal | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | bwd TFLOP/s |", "|" + "---|" * 8]
@@ -158,8 +164,8 @@ def markdown(report):
             if "error" in m:
                 lines.append(f"| {r['L']} | {r['H']} | {r['causal']} | {name} | {m['error']} | | | |")
                 continue
-            lines.append(f"| {r['L']} | {r['H']} | {r['causal']} | {name} | {m['fwd_s'] * 1e3:.2f} | {m['fwd_tflops']:.1f} "
-                         f"| {m['fwd_bwd_s'] * 1e3:.2f} | {m['bwd_tflops']:.1f} |")
+            lines.append(f"| {r['L']} | {r['H']} | {r['causal']} | {name} | {m['fwd_s'] * 1e3:.2f} "
+                         f"| {m['fwd_tflops']:.1f} | {m['fwd_bwd_s'] * 1e3:.2f} | {m['bwd_tflops']:.1f} |")
         if "fwd_vs_cudnn" in r:
             lines.append(f"| | | | ours vs cuDNN | fwd {r['fwd_vs_cudnn']:.2f}x | | bwd {r['bwd_vs_cudnn']:.2f}x | |")
         if "mgpu_fwd_vs_triton" in r:

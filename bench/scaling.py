@@ -90,7 +90,8 @@ def memory():
 
     def fits(R, L):
         shards = 4 * B * (L // R) * N * H * 7  # q, k, v, d_out and the three gradients, float32
-        return temp_bytes(train_step(mesh_of(R), causal=True, layout="zigzag"), *inputs(L, mesh_of(R))) + shards <= budget
+        step = train_step(mesh_of(R), causal=True, layout="zigzag")
+        return temp_bytes(step, *inputs(L, mesh_of(R))) + shards <= budget
 
     def longest(R):
         """Doubling, then halving the step: the longest L (a multiple of 1024 * R) that fits."""
@@ -191,13 +192,16 @@ def flops(runs, max_length):
                 measure("ring_attn", L, R, causal, forward(mesh, **kwargs), train_step(mesh, **kwargs), args)
             mesh = mesh_of(8)
             peer = peer_fn(mesh, causal, min(PEER_CHUNK, L // 8))
-            measure("ringattention", L, 8, causal, lambda q, k, v, d: peer(q, k, v), gradients_of(peer), inputs(L, mesh))
+            measure("ringattention", L, 8, causal, lambda q, k, v, d, peer=peer: peer(q, k, v), gradients_of(peer),
+                    inputs(L, mesh))
         print(f"L={L} done", flush=True)
     dense = []
     for L in (L for L in LENGTHS if L <= min(max_length, DENSE_UP_TO)):
         args = inputs(L, mesh_of(1))
         for causal in (False, True):
-            f = jax.jit(lambda q, k, v, d, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="xla"))
+            f = jax.jit(
+                lambda q, k, v, d, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="xla")
+            )
             s = median_time(f.lower(*args).compile(), args, runs)
             dense.append(dict(L=L, causal=causal, fwd_s=s, fwd_gflops=attention_flops(B, N, L, L, H, causal) / s / 1e9))
     print(f"\nceilings: matmul {matmul / 1e9:.1f} GFLOP/s, copy {copy / 1e9:.1f} GB/s; B={B} N={N} H={H} float32\n")
@@ -206,7 +210,8 @@ def flops(runs, max_length):
                   f"{r['fwd_bwd_s']:.3f}", f"{r['fwd_bwd_gflops']:.1f}", f"{r['fwd_bwd_gflops'] * 1e9 / matmul:.0%}")
                  for r in rows]))
     print("\njax.nn.dot_product_attention (xla), one device, forward\n")
-    print(table(["L", "causal", "fwd s", "GFLOP/s"], [(d["L"], d["causal"], f"{d['fwd_s']:.3f}", f"{d['fwd_gflops']:.1f}") for d in dense]))
+    print(table(["L", "causal", "fwd s", "GFLOP/s"],
+                [(d["L"], d["causal"], f"{d['fwd_s']:.3f}", f"{d['fwd_gflops']:.1f}") for d in dense]))
     save("flops", {"matmul": matmul, "copy": copy, "rows": rows, "dense": dense})
 
 

@@ -5,5 +5,5 @@ from model_zoo.hf import load_hf_checkpoint
 from model_zoo.model import forward, hidden_states, init_params
 from model_zoo.sharding import make_mesh
 
-__all__ = ["LWM_7B", "LWMConfig", "PRESETS", "TINY", "forward", "hidden_states", "init_params", "load_hf_checkpoint", "make_mesh",
-           "preset"]
+__all__ = ["LWM_7B", "LWMConfig", "PRESETS", "TINY", "forward", "hidden_states", "init_params", "load_hf_checkpoint",
+           "make_mesh", "preset"]

@@ -22,7 +22,9 @@ def _number_list(kind):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
 
     return parse
 
@@ -90,7 +92,8 @@ def build_parser():
     gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
 
     needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
-    needle.add_argument("--workdir", required=True, type=pathlib.Path, help="the model (training workdir or model folder)")
+    needle.add_argument("--workdir", required=True, type=pathlib.Path,
+                        help="the model (training workdir or model folder)")
     needle.add_argument("--lengths", type=_number_list(int), default=[256, 512, 1024, 1536, 2048])
     needle.add_argument("--depths", type=_number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
     needle.add_argument("--trials", type=_positive_int, default=4, help="haystacks per cell")
@@ -142,7 +145,8 @@ def _train(args):
     )
     _check_same_run(args.workdir, cfg)
     train(cfg, args.workdir, progress=not args.no_progress)
-    print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, plot in {args.workdir / 'loss.png'}")
+    print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, "
+          f"plot in {args.workdir / 'loss.png'}")
 
 
 def _scale_steps(stages, total):
@@ -231,7 +235,9 @@ def _eval_needle(args):
         raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
     mesh, config, params = _load(args.workdir, args.mesh)
     if max(args.lengths) > config.max_position_embeddings:
-        raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions")
+        raise ValueError(
+            f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions"
+        )
 
     def report(length, depth, score, sample):
         print(f"context {length:>6}, depth {depth:.2f}: {score:.2f}   (first answer: {sample!r})", flush=True)

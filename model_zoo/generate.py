@@ -62,7 +62,9 @@ def generate(params, prompts, *, config, max_new_tokens, temperature=0.0, top_p=
     mesh = jax.sharding.get_abstract_mesh()
     mesh = None if mesh.empty else mesh
     rows = len(prompts)
-    batch = rows if mesh is None else -(-rows // (mesh.shape["dp"] * mesh.shape["fsdp"])) * mesh.shape["dp"] * mesh.shape["fsdp"]
+    batch = rows if mesh is None else (
+        -(-rows // (mesh.shape["dp"] * mesh.shape["fsdp"])) * mesh.shape["dp"] * mesh.shape["fsdp"]
+    )
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - rows), np.int32)
     L = cache_length(int(lengths.max()), max_new_tokens, config, mesh)
     if L > config.max_position_embeddings:

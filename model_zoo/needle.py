@@ -23,13 +23,14 @@ def evaluate_needles(params, config, *, lengths, depths, trials=4, num_needles=1
         for j, depth in enumerate(depths):
             rng = np.random.default_rng([seed, length, int(depth * 1000)])
             examples = [
-                needle_example(rng, length - ANSWER_ROOM * num_asked, depth=depth, num_needles=num_needles, num_asked=num_asked,
-                               tokenizer=tokenizer)
+                needle_example(rng, length - ANSWER_ROOM * num_asked, depth=depth, num_needles=num_needles,
+                               num_asked=num_asked, tokenizer=tokenizer)
                 for _ in range(trials)
             ]
             answers = generate(params, [e.prompt for e in examples], config=config,
                                max_new_tokens=ANSWER_ROOM * num_asked, stop_tokens=(tokenizer.eos_id,))
-            found = [sum(n in tokenizer.decode(a) for n in e.numbers) / len(e.numbers) for e, a in zip(examples, answers)]
+            found = [sum(n in tokenizer.decode(a) for n in e.numbers) / len(e.numbers)
+                     for e, a in zip(examples, answers)]
             scores[i, j] = np.mean(found)
             if on_cell is not None:
                 on_cell(length, depth, scores[i, j], tokenizer.decode(answers[0]))

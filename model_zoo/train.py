@@ -165,7 +165,9 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     mesh = make_mesh(**dict(cfg.mesh))
     rows = mesh.shape["dp"] * mesh.shape["fsdp"]
     if cfg.batch_size % rows:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by dp*fsdp={rows} of the mesh {dict(mesh.shape)}")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by dp*fsdp={rows} of the mesh {dict(mesh.shape)}"
+        )
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     with jax.set_mesh(mesh):
@@ -277,7 +279,8 @@ def plot_losses(metrics_path, png_path, cfg: TrainConfig):
     for stage in cfg.stages[:-1]:
         end += stage.steps
         ax.axvline(end, color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="step", ylabel="loss (per-row normalised cross entropy)", title="training loss; dashed: context stage change")
+    ax.set(xlabel="step", ylabel="loss (per-row normalised cross entropy)",
+           title="training loss; dashed: context stage change")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -41,17 +41,10 @@ same reason P goes through shared memory rather than being fed to wgmma from reg
 PV product lands in a fresh accumulator that is added to the running output. Layout casts (which
 interpret mode has no rules for) are applied only when compiling.
 
-The backward is not here: `pallas_kernels.backend` runs the Triton backward kernels
-(`attention_triton.attention_bwd`) after this forward. A Mosaic GPU backward is worth writing only
-where it beats Triton's, which needs a GPU to measure.
-
-This kernel has been verified only in Mosaic GPU interpret mode on CPU and by lowering it for
-CUDA (`jax.export` for an H100, which needs no GPU); it has not yet run on a GPU, so
-`impl="auto"` / `"pallas"` never choose it: ask for it with impl="pallas_mgpu". Interpret mode
-(JAX 0.10) keeps one global simulated GPU and checks its barriers across devices, so kernels
-running at once on several devices of a `shard_map` trip over each other: `ring_attention`
-refuses a ring of more than one device in interpret mode. Compiled for the GPU it lowers with
-Mosaic GPU's lane semantics, the default of JAX 0.10 and the one tested.
+The backward is `attention_mgpu_bwd`. Interpret mode (JAX 0.10) keeps one global simulated GPU
+and checks its barriers across devices, so kernels running at once on several devices of a
+`shard_map` trip over each other: `ring_attention` refuses a ring of more than one device in
+interpret mode. Compiled for the GPU it lowers with Mosaic GPU's lane semantics.
 """
 
 import functools
@@ -138,12 +131,14 @@ def _fwd_call(
     tq, tk = WG_ROWS, kv_tiling.tile
     T_p = q_tiling.padded_length
     swizzled = (plgpu.TilingTransform((8, SWIZZLE_BYTES // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
+    swizzled_f32 = (plgpu.TilingTransform((8, SWIZZLE_BYTES // 4)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
     scratch = dict(
         q_smem=plgpu.SMEM((wgs, tq, head_dim), dtype, transforms=swizzled),
         kt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tk), dtype, transforms=swizzled),
         v_smem=plgpu.SMEM((NUM_SLOTS, tk, head_dim), dtype, transforms=swizzled),
         p_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
-        o_smem=plgpu.SMEM((wgs, tq, head_dim), jnp.float32),
+        # Swizzled like the 16-bit tiles: newer Mosaic GPU finds no bank-conflict-free store otherwise.
+        o_smem=plgpu.SMEM((wgs, tq, head_dim), jnp.float32, transforms=swizzled_f32),
         lse_smem=plgpu.SMEM((wgs, tq), jnp.float32),
         q_ready=plgpu.Barrier(num_barriers=wgs),
         k_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),

@@ -12,6 +12,7 @@ import jax
 
 from pallas_kernels import (
     attention_mgpu,
+    attention_mgpu_bwd,
     attention_tpu,
     attention_triton,
     attention_xla,
@@ -96,7 +97,7 @@ def attention_bwd(q, k, v, out, lse, d_out, *, impl: Kernel, **kwargs):
         case Kernel.TRITON | Kernel.TRITON_INTERPRET:
             return attention_triton.attention_bwd(q, k, v, out, lse, d_out, interpret=impl.interpreted, **kwargs)
         case Kernel.MGPU | Kernel.MGPU_INTERPRET:
-            return attention_triton.attention_bwd(q, k, v, out, lse, d_out, interpret=impl.interpreted, **kwargs)
+            return attention_mgpu_bwd.attention_bwd(q, k, v, out, lse, d_out, interpret=impl.interpreted, **kwargs)
         case Kernel.TPU | Kernel.TPU_INTERPRET:
             return attention_tpu.attention_bwd(q, k, v, out, lse, d_out, interpret=_tpu_interpret(impl), **kwargs)
     raise ValueError(f"unknown resolved kernel {impl=}")

@@ -119,7 +119,8 @@ def _forward(x, w_gate, w_up, w_down, spec):
     Mp, Dp, Fp = t.padded
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
     operands, vma = typed_alike(
-        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp), pad_to(w_down, dtype, Fp, Dp)
+        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp),
+        pad_to(w_down, dtype, Fp, Dp),
     )
     out = _build_fwd(t, dtype=dtype, out_dtype=x.dtype, vma=vma, interpret=spec.interpret)(*operands)
     return out[: t.M, : t.D]

@@ -128,7 +128,8 @@ def _forward(x, w_gate, w_up, w_down, spec):
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
     out = jnp.zeros((Mp, Dp), jnp.float32)
     operands, vma = typed_alike(
-        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp), pad_to(w_down, dtype, Fp, Dp), out
+        pad_to(x, dtype, Mp, Dp), pad_to(w_gate, dtype, Dp, Fp), pad_to(w_up, dtype, Dp, Fp),
+        pad_to(w_down, dtype, Fp, Dp), out,
     )
     out = _fwd_call(t, precision=matmul_precision(dtype), vma=vma, interpret=spec.interpret)(*operands)
     return out[: t.M, : t.D].astype(x.dtype)

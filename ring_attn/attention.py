@@ -45,8 +45,8 @@ def ring_attention(
         (Triton lowering) and TPU (Mosaic), the portable jnp path ("xla") on CPU. "pallas": this
         backend's Pallas kernels (on CPU, the GPU kernels in interpret mode). "pallas_triton" /
         "pallas_tpu": that kernel family, interpreted off its own backend. "pallas_mgpu": the
-        Mosaic GPU (Hopper: wgmma, TMA) forward with the Triton backward, interpreted off a GPU;
-        16-bit inputs only, and not chosen by "auto" / "pallas" (it has not yet run on a GPU).
+        Mosaic GPU (Hopper: wgmma, TMA) forward and backward, interpreted off a GPU; 16-bit inputs
+        only, and not chosen by "auto" / "pallas" (the README says when it will be).
         "xla": jnp everywhere.
 
     Returns:

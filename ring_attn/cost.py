@@ -114,9 +114,15 @@ def ring_advice(hardware, *, shard_length, num_heads, num_kv_heads, head_dim, ba
     T = shard_length
     flops = attention_flops(batch, num_heads, T, T, head_dim, causal, backward=backward)
     compute_s = flops / hardware.flops_per_s
-    transfer_s = ring_step_bytes(batch, T, num_kv_heads, head_dim, dtype_bytes=dtype_bytes, backward=backward) / hardware.bytes_per_s
+    transfer_s = (
+        ring_step_bytes(batch, T, num_kv_heads, head_dim, dtype_bytes=dtype_bytes, backward=backward)
+        / hardware.bytes_per_s
+    )
     needed = min_block_size(
-        hardware.flops_per_s, hardware.bytes_per_s, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype_bytes=dtype_bytes
+        hardware.flops_per_s, hardware.bytes_per_s, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        dtype_bytes=dtype_bytes,
     )
     block_q, block_kv = (min(b, T) for b in STARTING_BLOCKS[platform])
-    return RingAdvice(compute_s >= transfer_s, compute_s, transfer_s, math.ceil(needed * (2 if causal else 1)), block_q, block_kv)
+    return RingAdvice(
+        compute_s >= transfer_s, compute_s, transfer_s, math.ceil(needed * (2 if causal else 1)), block_q, block_kv
+    )

@@ -20,7 +20,7 @@ accumulators move with `lax.ppermute`, not by remote DMA.
 
 Tested on CPU in TPU interpret mode (`pltpu.InterpretParams`, which simulates the remote DMAs and
 semaphores between devices) inside `jax.shard_map(..., check_vma=False)`; it also runs under the
-default `check_vma=True`. It lowers for TPU through Mosaic but has not yet run on TPU hardware.
+default `check_vma=True`, and lowers for TPU through Mosaic.
 Not covered: the zigzag layout and a sliding window (NotImplementedError); `jax.vmap` is untried.
 """
 

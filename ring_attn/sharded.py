@@ -23,9 +23,12 @@ def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout=
     shards = 2 * ring_size if layout == "zigzag" else ring_size
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", 0) >= 2 and x.shape[1] % shards:
-            what = f"the ring size {ring_size}" if shards == ring_size else f"{shards}, twice the ring size {ring_size},"
+            what = (
+                f"the ring size {ring_size}" if shards == ring_size else f"{shards}, twice the ring size {ring_size},"
+            )
             raise ValueError(
-                f"{name}'s sequence length {x.shape[1]} must be divisible by {what} (mesh axis {axis_name!r}, {layout=})"
+                f"{name}'s sequence length {x.shape[1]} must be divisible by {what} "
+                f"(mesh axis {axis_name!r}, {layout=})"
             )
     attend = functools.partial(ring_attention, axis_name=axis_name, layout=layout, **kwargs)
 

@@ -19,7 +19,8 @@ ids = jnp.zeros((2, 16), jnp.int32)
     [
         (dict(q=q[0]), r"q must have rank 4, \[B, T, N, H\], got shape \(16, 4, 32\)"),
         (dict(k=k[0], v=v[0]), r"k must have rank 4, \[B, S, K, H\], got shape"),
-        (dict(k=random_qkv(1, 2, 16, 4, 3, 32)[1], v=random_qkv(1, 2, 16, 4, 3, 32)[2]), r"k has K=3 heads, which must divide q's N=4"),
+        (dict(k=random_qkv(1, 2, 16, 4, 3, 32)[1], v=random_qkv(1, 2, 16, 4, 3, 32)[2]),
+         r"k has K=3 heads, which must divide q's N=4"),
         (dict(v=v[:, :8]), r"k and v must have the same shape, got k \(2, 16, 2, 32\) and v \(2, 8, 2, 32\)"),
         (dict(k=k[..., :16], v=v[..., :16]), r"same head dim, got q H=32 and k H=16"),
         (dict(k=k[:1], v=v[:1]), r"same batch size, got q B=2 and k B=1"),
@@ -29,9 +30,12 @@ ids = jnp.zeros((2, 16), jnp.int32)
         (dict(segment_ids=ids.astype(jnp.float32)), r"segment_ids must have an integer dtype, got float32"),
         (dict(segment_ids=(ids, ids[:, :4])), r"kv_segment_ids must have shape \[B, S\] = \(2, 16\), got \(2, 4\)"),
         (dict(layout="spiral"), r"unknown layout='spiral'; expected one of \('contiguous', 'zigzag'\)"),
-        (dict(impl="cuda"), r"unknown impl='cuda'; expected one of \('auto', 'pallas', 'pallas_triton', 'pallas_mgpu', 'pallas_tpu', 'xla'\)"),
+        (dict(impl="cuda"),
+         r"unknown impl='cuda'; expected one of "
+         r"\('auto', 'pallas', 'pallas_triton', 'pallas_mgpu', 'pallas_tpu', 'xla'\)"),
         (dict(block_sizes=ring_attn.BlockSizes(block_q=6, block_kv=8)), r"T=16 .* must be divisible by block_q=6"),
-        (dict(block_sizes=ring_attn.BlockSizes(block_q=8, block_kv=16), layout="zigzag"), r"S=8 .* must be divisible by block_kv=16"),
+        (dict(block_sizes=ring_attn.BlockSizes(block_q=8, block_kv=16), layout="zigzag"),
+         r"S=8 .* must be divisible by block_kv=16"),
         (dict(block_sizes={"block_q": 8}), r"block_sizes must be a ring_attn.BlockSizes or None"),
         (dict(axis_name="sp"), r"axis_name='sp' is not bound: call ring_attention inside jax.shard_map"),
         (dict(scale="big"), r"scale must be a finite Python number or None, got 'big'"),
@@ -57,7 +61,8 @@ def test_causal_ring_needs_equal_lengths():
         functools.partial(ring_attn.ring_attention, axis_name="sp", causal=True),
         mesh=ring_mesh(2), in_specs=(seq, seq, seq), out_specs=seq,
     )
-    with pytest.raises(ValueError, match=r"causal ring attention needs equal local query and key lengths, got T=4 and S=8"):
+    with pytest.raises(ValueError, match=r"causal ring attention needs equal local query and key lengths, "
+                                         r"got T=4 and S=8"):
         fn(qs, ks, vs)
 
 
@@ -75,7 +80,8 @@ def test_global_api_checks_mesh_axis_and_lengths():
     with pytest.raises(ValueError, match=r"q's sequence length 6 must be divisible by the ring size 4"):
         ring_attn.ring_attention_global(q6, k6, v6, mesh=mesh, axis_name="sp")
     q12, k12, v12, _ = random_qkv(4, 1, 12, 4, 4, 32)
-    with pytest.raises(ValueError, match=r"q's sequence length 12 must be divisible by 8, twice the ring size 4, .*layout='zigzag'"):
+    with pytest.raises(ValueError, match=r"q's sequence length 12 must be divisible by 8, twice the ring size 4, "
+                                         r".*layout='zigzag'"):
         ring_attn.ring_attention_global(q12, k12, v12, mesh=mesh, axis_name="sp", layout="zigzag")
     with pytest.raises(ValueError, match=r"its length 20 must be divisible by 8"):
         ring_attn.zigzag(jnp.zeros((1, 20)), 4)
@@ -85,7 +91,8 @@ def test_global_api_checks_mesh_axis_and_lengths():
     "kwargs,match",
     [
         (dict(chunk_size=5), r"chunk_size must be a positive int dividing the token count L=16, got 5"),
-        (dict(w_down=jnp.ones((8, 12))), r"w_down must have shape \(24, 8\) for x with D=8 and w_gate with F=24, got \(8, 12\)"),
+        (dict(w_down=jnp.ones((8, 12))),
+         r"w_down must have shape \(24, 8\) for x with D=8 and w_gate with F=24, got \(8, 12\)"),
         (dict(x=jnp.ones((16, 8))), r"x must have rank 3, got shape \(16, 8\)"),
     ],
 )

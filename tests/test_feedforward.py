@@ -42,5 +42,7 @@ def test_activation_memory_follows_the_chunk_not_the_length():
     hidden_bytes = B * L * F * 4  # one float32 [B, L, F] activation
     chunked = temp_bytes(128)
     whole = temp_bytes(L)
-    assert chunked < hidden_bytes / 2, f"chunk 128 used {chunked} temp bytes, a full hidden activation is {hidden_bytes}"
+    assert chunked < hidden_bytes / 2, (
+        f"chunk 128 used {chunked} temp bytes, a full hidden activation is {hidden_bytes}"
+    )
     assert whole > 2 * chunked, f"one chunk of L ({whole} bytes) should need far more than chunks of 128 ({chunked})"

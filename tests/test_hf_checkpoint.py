@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-import transformers
 from conftest import assert_close
 from safetensors.numpy import load_file, save_file
 
@@ -16,6 +14,10 @@ from model_zoo.checkpoint import load_model
 from model_zoo.hf import convert_checkpoint, load_hf_checkpoint
 from model_zoo.model import forward, init_params
 from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
+
+# The [test] extra installs torch (its CPU build) and transformers on Python 3.11 only.
+torch = pytest.importorskip("torch", reason="Hugging Face parity needs torch: pip install torch transformers")
+transformers = pytest.importorskip("transformers", reason="Hugging Face parity needs transformers")
 
 SMALL = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -79,7 +79,8 @@ MGPU_CASES = [
 def backend_cases():
     for backend in BACKENDS:
         for case in MGPU_CASES if backend.sixteen_bit_only else CASES:
-            yield pytest.param(backend, *case, id=f"{backend}-{case[0]}x{case[1]}x{case[2]}-{case[5]}-{case[11].__name__}")
+            B, T, S, _, _, H, *_, dtype, _ = case
+            yield pytest.param(backend, *case, id=f"{backend}-{B}x{T}x{S}-{H}-{dtype.__name__}")
 
 
 @functools.cache

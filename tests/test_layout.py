@@ -40,6 +40,8 @@ def test_zigzag_shard_moves_contiguous_shards_into_the_zigzag_layout_and_back(ri
 
 def test_zigzag_shard_needs_an_even_local_length():
     mesh = Mesh(np.array(jax.devices()[:2]), ("sp",))
-    fn = jax.shard_map(lambda s: ring_attn.zigzag_shard(s, "sp"), mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"))
+    fn = jax.shard_map(
+        lambda s: ring_attn.zigzag_shard(s, "sp"), mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp")
+    )
     with pytest.raises(ValueError, match=r"local length along axis 1 must be even, got 3"):
         fn(np.arange(12.0).reshape(2, 6))

@@ -68,7 +68,8 @@ def test_multi_needle_rows_ask_for_every_needle():
             counts.append(len(numbers))
     assert set(counts) == {1, 2, 3}, counts
     # The default is one needle, drawn exactly as before the option existed.
-    one, default = packed_batch(4, 0, batch_size=8, seq_len=512, max_needles=1), packed_batch(4, 0, batch_size=8, seq_len=512)
+    one = packed_batch(4, 0, batch_size=8, seq_len=512, max_needles=1)
+    default = packed_batch(4, 0, batch_size=8, seq_len=512)
     assert all(np.array_equal(one[k], default[k]) for k in one)
     with pytest.raises(ValueError, match="max_needles must be a positive int, got 0"):
         packed_batch(0, 0, batch_size=1, seq_len=128, max_needles=0)
@@ -144,7 +145,10 @@ def test_text_and_vision_losses_weigh_half_each():
              "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
              "loss_mask": np.ones((2, 16), np.float32), "vision_inputs": vision_targets.copy(),
              "vision_targets": vision_targets}
-    only = lambda row, value: dict(batch, loss_mask=np.where(np.arange(2)[:, None] == row, 1.0, 0.0).astype(np.float32))
+
+    def only(row, value):
+        return dict(batch, loss_mask=np.where(np.arange(2)[:, None] == row, 1.0, 0.0).astype(np.float32))
+
     text, vision = loss_fn(params, only(0, 1), config), loss_fn(params, only(1, 1), config)
     np.testing.assert_allclose(loss_fn(params, batch, config), 0.5 * text + 0.5 * vision, rtol=1e-6)
     assert not np.isclose(text, vision)

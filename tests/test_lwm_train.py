@@ -88,7 +88,8 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     real_init = training.init_params
     monkeypatch.setattr(training, "init_params",
                         lambda config, key: jax.tree.map(lambda p: p * float("nan"), real_init(config, key)))
-    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2, mesh=(("dp", 2), ("sp", 4)))
+    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 2),), batch_size=2,
+                      mesh=(("dp", 2), ("sp", 4)))
     with pytest.raises(TrainingError, match=r"step 0 \(stage 1, 32 tokens\): loss is nan"):
         train(cfg, tmp_path, progress=False)
 

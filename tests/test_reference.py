@@ -40,7 +40,9 @@ def test_merge_of_two_key_halves_is_exact():
     with jax.enable_x64(True):
         q, k, v = (x.astype(jnp.float64) for x in (q, k, v))
         whole = reference.attention_with_lse(q, k, v, kv_segment_ids=ids_kv, dtype=jnp.float64, **kw)
-        first = reference.attention_with_lse(q, k[:, :16], v[:, :16], kv_segment_ids=ids_kv[:, :16], dtype=jnp.float64, **kw)
+        first = reference.attention_with_lse(
+            q, k[:, :16], v[:, :16], kv_segment_ids=ids_kv[:, :16], dtype=jnp.float64, **kw
+        )
         second = reference.attention_with_lse(
             q, k[:, 16:], v[:, 16:], kv_segment_ids=ids_kv[:, 16:], kv_offset=16, dtype=jnp.float64, **kw
         )
@@ -51,7 +53,8 @@ def test_merge_of_two_key_halves_is_exact():
 
 def test_swiglu_agrees_with_numpy():
     rng = np.random.default_rng(6)
-    x, wg, wu, wd = rng.standard_normal((2, 8, 16)), rng.standard_normal((16, 40)), rng.standard_normal((16, 40)), rng.standard_normal((40, 16))
+    x, wg, wu, wd = (rng.standard_normal((2, 8, 16)), rng.standard_normal((16, 40)), rng.standard_normal((16, 40)),
+                     rng.standard_normal((40, 16)))
     g = x @ wg
     expected = (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
     with jax.enable_x64(True):

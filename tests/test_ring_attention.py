@@ -111,7 +111,9 @@ def test_result_does_not_depend_on_ring_size():
         for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (out1, *grads1)):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             err = np.linalg.norm(a - b) / np.linalg.norm(b)
-            assert err < 2e-6, f"ring of {ring_size} vs 1: {name} differs by {err:.2e} (relative), beyond float32 rounding"
+            assert err < 2e-6, (
+                f"ring of {ring_size} vs 1: {name} differs by {err:.2e} (relative), beyond float32 rounding"
+            )
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -37,7 +37,9 @@ def test_window_matches_oracle(ring_size, causal, window, segments, gqa):
         causal=causal, window=window, segment_ids=ids, block_sizes=ring_attn.BlockSizes(8, 8),
     )
     out, grads = output_and_grads(fn, q, k, v, d_out)
-    expected, expected_grads = oracle(q, k, v, d_out, causal=causal, window=window, q_segment_ids=ids, kv_segment_ids=ids)
+    expected, expected_grads = oracle(
+        q, k, v, d_out, causal=causal, window=window, q_segment_ids=ids, kv_segment_ids=ids
+    )
     assert_close(out, expected, name="out")
     for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
         if name in ("dq", "dk") and window == 1:
