@@ -7,6 +7,7 @@ RingAttention (Liu et al. 2023, arXiv 2310.01889) as used by the Large World Mod
 from pallas_kernels import BlockSizes
 from ring_attn import cost
 from ring_attn.attention import ring_attention
+from ring_attn.context import context_attention
 from ring_attn.decode import cache_positions, ring_cache_update, ring_decode
 from ring_attn.feedforward import blockwise_feedforward
 from ring_attn.layout import unzigzag, unzigzag_shard, zigzag, zigzag_shard
@@ -18,6 +19,7 @@ __all__ = [
     "BlockSizes",
     "blockwise_feedforward",
     "cache_positions",
+    "context_attention",
     "cost",
     "ring_attention",
     "ring_attention_global",

@@ -1,5 +1,7 @@
 """The cost model: FLOP counts against the reference's own cost, and RingAttention's Table 2."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -44,3 +46,136 @@ def test_ring_advice_says_whether_the_ring_hides_its_transfer():
     assert "does NOT hide" in str(short) and (long.block_q, long.block_kv) == cost.STARTING_BLOCKS["gpu"]
     with pytest.raises(ValueError, match="unknown hardware 'a200'"):
         cost.ring_advice("a200", shard_length=1024, num_heads=1, num_kv_heads=1, head_dim=64)
+
+
+# choose_strategy: the shapes of published measurements, and the rules each strategy must obey.
+LLAMA2_7B = dict(num_heads=32, num_kv_heads=32, head_dim=128)
+QWEN_LIKE = dict(num_kv_heads=8, head_dim=128)
+
+
+def test_hardware_keeps_its_fields_and_fills_in_the_new_ones():
+    plain = cost.Hardware("x", 1e12, 1e9)
+    assert plain.collective_bytes_per_s == plain.bytes_per_s and plain.memory_bytes == float("inf")
+    a100 = cost.HARDWARE["a100-nvlink"]
+    assert (a100.name, a100.flops_per_s, a100.bytes_per_s) == ("A100 NVLink", 312e12, 300e9)
+    v5p = cost.HARDWARE["tpu-v5p"]
+    assert (v5p.flops_per_s, v5p.memory_bytes) == (459e12, 95 * 2**30)
+    assert v5p.bytes_per_s == pytest.approx(100e9) and v5p.collective_bytes_per_s == pytest.approx(600e9)
+    for key, hw in cost.HARDWARE.items():
+        assert 0 < hw.memory_bytes < float("inf") and hw.collective_bytes_per_s >= hw.bytes_per_s, key
+    assert cost.HARDWARE["h200-nvlink"].memory_bytes == 141e9 and cost.HARDWARE["tpu-v5e"].memory_bytes == 16 * 2**30
+
+
+@pytest.mark.parametrize("backend,key", [("tpu", "tpu-v5p"), ("gpu", "h100-nvlink"), ("cpu", "cpu"), ("METAL", "cpu")])
+def test_default_hardware_follows_the_backend(monkeypatch, backend, key):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert cost.default_hardware() is cost.HARDWARE[key]
+
+
+def test_maxtext_v5p_32k_cp16_ranks_the_ring_behind_all_gather_and_ulysses():
+    # MaxText PR 4687: all-gather 8.83 s, Ulysses 8.90 s, ring 16.38 s per step.
+    choice = cost.choose_strategy("tpu-v5p", seq_len=32768, num_devices=16, causal=True, **LLAMA2_7B)
+    assert choice.costs["ring"] > max(choice.costs["all_gather"], choice.costs["ulysses"])
+    assert choice.strategy in ("all_gather", "ulysses")
+    # 2K tokens per device cannot hide a ring step's k/v behind its compute.
+    assert choice.breakdown["ring"].exposed_s > choice.breakdown["ring"].compute_s
+
+
+@pytest.mark.parametrize("num_heads", [32, 40])
+def test_prime_rl_h200_64k_cp4_puts_ulysses_ahead_of_the_ring(num_heads):
+    # prime-rl PR 2418: Ulysses +1% and ring -32% throughput against no context parallelism.
+    choice = cost.choose_strategy("h200-nvlink", seq_len=65536, num_devices=4, num_heads=num_heads, **QWEN_LIKE)
+    assert choice.costs["ulysses"] < choice.costs["ring"]
+    # prime-rl's "ring" all-gathers K/V over contiguous shards: the last device's causal work sets the pace.
+    contiguous = cost.choose_strategy(
+        "h200-nvlink", seq_len=65536, num_devices=4, num_heads=num_heads, layout="contiguous", **QWEN_LIKE
+    )
+    assert contiguous.costs["all_gather"] > 1.5 * contiguous.costs["ulysses"]
+    assert contiguous.costs["ulysses"] == pytest.approx(choice.costs["ulysses"])
+
+
+def test_a_long_shard_on_a_fast_link_hides_the_ring_and_cannot_gather_the_sequence():
+    # 1M tokens of a LLaMA-65B layer (64 heads, MHA) over 8 A100s: 128K tokens per device.
+    shape = dict(num_heads=64, num_kv_heads=64, head_dim=128)
+    choice = cost.choose_strategy("a100-nvlink", seq_len=2**20, num_devices=8, **shape)
+    assert choice.costs["all_gather"] == float("inf") and choice.strategy != "all_gather"
+    assert "all_gather" in choice.reason and "GB" in choice.reason
+    advice = cost.ring_advice("a100-nvlink", shard_length=2**17, causal=True, backward=True, **shape)
+    assert advice.hides_communication
+    ring = choice.breakdown["ring"]
+    assert ring.exposed_s < 0.01 * ring.compute_s
+    # Memory to spare lets the gather run.
+    roomy = cost.choose_strategy("a100-nvlink", seq_len=2**20, num_devices=8, memory_bytes=200e9, **shape)
+    assert roomy.costs["all_gather"] < float("inf")
+
+
+def test_balanced_strategies_share_the_compute():
+    choice = cost.choose_strategy("h100-nvlink", seq_len=16384, num_devices=4, num_heads=8, num_kv_heads=2,
+                                  head_dim=64)
+    whole = cost.attention_flops(1, 8, 16384, 16384, 64, True)
+    expected = (whole + cost.attention_flops(1, 8, 16384, 16384, 64, True, backward=True)) / 4 / 989e12
+    for name in cost.STRATEGIES:
+        assert choice.breakdown[name].compute_s == pytest.approx(expected, rel=1e-6), name
+
+
+@pytest.mark.parametrize("num_devices,usp_split", [(4, (2, 2)), (8, (4, 2)), (16, (8, 2)), (9, (3, 3)), (5, None)])
+def test_heads_that_do_not_divide_rule_out_ulysses_and_usp_splits(num_devices, usp_split):
+    choice = cost.choose_strategy("h100-nvlink", seq_len=2880, num_devices=num_devices, num_heads=6, num_kv_heads=6,
+                                  head_dim=64)
+    assert choice.costs["ulysses"] == float("inf") and "num_heads=6" in choice.reason
+    assert choice.usp_split == usp_split
+    assert (choice.costs["usp"] == float("inf")) == (usp_split is None)
+    if usp_split:
+        ring, ulysses = usp_split
+        assert ring * ulysses == num_devices and 6 % ulysses == 0
+
+
+def test_ulysses_replicates_kv_heads_when_devices_outnumber_them():
+    gqa = cost.choose_strategy("h100-nvlink", seq_len=65536, num_devices=8, num_heads=32, num_kv_heads=2,
+                               head_dim=128)
+    assert gqa.costs["ulysses"] < float("inf")
+    mha = cost.choose_strategy("h100-nvlink", seq_len=65536, num_devices=8, num_heads=32, num_kv_heads=8,
+                               head_dim=128)
+    # K/V move as 8 heads either way.
+    assert gqa.breakdown["ulysses"].communication_s == pytest.approx(mha.breakdown["ulysses"].communication_s)
+    odd = cost.choose_strategy("h100-nvlink", seq_len=65536, num_devices=8, num_heads=24, num_kv_heads=6,
+                               head_dim=128)
+    assert odd.costs["ulysses"] == float("inf")
+
+
+def test_one_device_sends_nothing():
+    choice = cost.choose_strategy("cpu", seq_len=4096, num_devices=1, num_heads=4, num_kv_heads=4, head_dim=64)
+    for name in ("ring", "all_gather", "ulysses"):
+        assert choice.breakdown[name].communication_s == 0 == choice.breakdown[name].exposed_s
+    assert choice.strategy == "ring" and choice.usp_split is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(hardware="b300"), "unknown hardware 'b300'"),
+        (dict(num_devices=0), "num_devices.*num_devices=0"),
+        (dict(num_devices=2.0), "num_devices.*num_devices=2.0"),
+        (dict(seq_len=-1), "seq_len.*seq_len=-1"),
+        (dict(num_heads=6, num_kv_heads=4), "num_heads=6.*num_kv_heads=4"),
+        (dict(memory_bytes=0), "memory_bytes.*memory_bytes=0"),
+        (dict(layout="striped"), "layout='striped'"),
+    ],
+)
+def test_bad_input_names_the_argument_and_the_value(kwargs, match):
+    args = dict(hardware="h100-nvlink", seq_len=4096, num_devices=4, num_heads=8, num_kv_heads=8, head_dim=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        cost.choose_strategy(args.pop("hardware"), **args)
+
+
+def test_str_is_a_table_with_every_strategy_and_the_reason():
+    choice = cost.choose_strategy(cost.HARDWARE["tpu-v5p"], seq_len=32768, num_devices=16, **LLAMA2_7B)
+    text = str(choice)
+    assert text.splitlines()[0].split() == ["strategy", "compute", "s", "communication", "s", "exposed", "s", "total",
+                                            "s"]
+    for name in cost.STRATEGIES:
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    assert choice.reason in text and choice.reason.endswith(".")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        choice.strategy = "ring"
