@@ -125,7 +125,7 @@ def main(argv=None):
 
 def _train(args):
     from model_zoo.config import preset
-    from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train
+    from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train, training_mesh
 
     model = preset(args.preset)
     if args.stages:
@@ -143,6 +143,7 @@ def _train(args):
         seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh,
         init_from=str(args.init_from) if args.init_from else None,
     )
+    training_mesh(cfg)  # refused here, before the workdir exists
     _check_same_run(args.workdir, cfg)
     train(cfg, args.workdir, progress=not args.no_progress)
     print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, "

@@ -59,10 +59,16 @@ def model_mesh(config, batch, length):
         return None
     if tuple(mesh.axis_names) != MESH_AXES:
         raise ValueError(f"the model runs in a mesh with axes {MESH_AXES}, got {tuple(mesh.axis_names)}")
-    shape = dict(mesh.shape)
+    check_mesh_shapes(config, dict(mesh.shape), batch, length)
+    return mesh
+
+
+def check_mesh_shapes(config, shape, batch, length):
+    """ValueError unless a [batch, length] batch of `config`'s model splits over mesh axis sizes
+    `shape`: rows over dp*fsdp, the sequence over sp (2*sp for zigzag), heads over tp."""
     rows = shape["dp"] * shape["fsdp"]
     if batch % rows:
-        raise ValueError(f"batch size {batch} must be divisible by dp*fsdp={rows}")
+        raise ValueError(f"batch_size={batch} must be divisible by dp*fsdp={rows}")
     if length % shape["sp"]:
         raise ValueError(f"sequence length {length} must be divisible by the sp axis size {shape['sp']}")
     if config.ring_layout == "zigzag" and length % (2 * shape["sp"]):
@@ -70,7 +76,6 @@ def model_mesh(config, batch, length):
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(config, name) % shape["tp"]:
             raise ValueError(f"{name}={getattr(config, name)} must be divisible by the tp axis size {shape['tp']}")
-    return mesh
 
 
 def param_specs(params, mesh: Mesh):

@@ -23,7 +23,7 @@ from model_zoo.checkpoint import Checkpoints, load_model
 from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import check_max_needles, check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
-from model_zoo.sharding import batch_sharding, make_mesh, param_shardings
+from model_zoo.sharding import batch_sharding, check_mesh_shapes, make_mesh, param_shardings
 
 
 class TrainingError(RuntimeError):
@@ -157,17 +157,25 @@ def initial_state(cfg: TrainConfig, mesh):
     return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": key}
 
 
+def training_mesh(cfg: TrainConfig):
+    """The mesh `cfg.mesh` names, checked against the batch and every stage's length before any
+    step runs (a stage that does not split over the ring would otherwise fail midway)."""
+    mesh = make_mesh(**dict(cfg.mesh))
+    for index, stage in enumerate(cfg.stages, 1):
+        try:
+            check_mesh_shapes(cfg.stage_model(stage), dict(mesh.shape), cfg.batch_size, stage.seq_len)
+        except ValueError as error:
+            where = f"stage {index} ({stage.seq_len} tokens) on the mesh {dict(mesh.shape)}"
+            raise ValueError(f"{where}: {error}") from None
+    return mesh
+
+
 def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     """Runs (or resumes) training in `workdir`; returns the final state. Writes checkpoints/,
     metrics.jsonl (one JSON object per step) and loss.png there."""
+    mesh = training_mesh(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(**dict(cfg.mesh))
-    rows = mesh.shape["dp"] * mesh.shape["fsdp"]
-    if cfg.batch_size % rows:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by dp*fsdp={rows} of the mesh {dict(mesh.shape)}"
-        )
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     with jax.set_mesh(mesh):

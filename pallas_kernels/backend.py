@@ -116,7 +116,7 @@ def feedforward(x, w_gate, w_up, w_down, *, impl: Impl | Kernel, chunk_size):
     resolved `Kernel`.
 
     "xla", and "auto" on every backend: the jnp chunks under `jax.checkpoint` (XLA's own matmuls;
-    the fused kernels have not been timed against them on a GPU or TPU). "pallas",
+    "auto" moves to the fused kernels where a measurement shows them faster). "pallas",
     "pallas_triton", "pallas_tpu" (resolved as `resolve_impl` does): the fused Pallas kernels over
     the B * L tokens flattened, with `chunk_size` as the token tile, rounded to what the kernel
     family accepts. "pallas_mgpu" (an attention kernel; there is no Mosaic GPU feedforward): the

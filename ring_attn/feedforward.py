@@ -15,8 +15,8 @@ def blockwise_feedforward(x, w_gate, w_up, w_down, *, chunk_size: int | None = N
       x: [B, L, D]; w_gate, w_up: [D, F]; w_down: [F, D].
       chunk_size: tokens per chunk, dividing L; None: the largest divisor of L up to 512.
       impl: "auto" or "xla": jnp chunks under `jax.checkpoint`, each a [B, chunk, F] hidden
-        slice ("auto" picks them on every backend, decided at call time: the fused kernels are
-        not yet timed on hardware). "pallas" (this backend's family; on CPU the Triton kernels
+        slice ("auto" picks them on every backend, decided at call time, until a measurement on
+        the hardware shows the fused kernels faster). "pallas" (this backend's family; on CPU the Triton kernels
         interpreted), "pallas_triton", "pallas_tpu": fused Pallas kernels over the B * L tokens,
         forward and backward, that keep only [token tile, hidden tile] pieces of the hidden
         activation on chip and never write it to HBM; `chunk_size` is their token tile, rounded

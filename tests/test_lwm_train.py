@@ -126,6 +126,15 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "needs 16 devices, 8 are available" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "e"), "--batch-size", "3", "--mesh", "dp=2,sp=4"]) == 1
     assert "batch_size=3 must be divisible by dp*fsdp=2" in capsys.readouterr().err
+    # A stage that does not split over the ring is refused before training, naming the stage and
+    # the axis, and a refused run leaves no workdir behind.
+    assert main(["train", "--workdir", str(tmp_path / "f"), "--mesh", "sp=3"]) == 1
+    assert "stage 1 (512 tokens) on the mesh" in (err := capsys.readouterr().err)
+    assert "sequence length 512 must be divisible by the sp axis size 3" in err
+    assert main(["train", "--workdir", str(tmp_path / "g"), "--mesh", "sp=0"]) == 1
+    assert "mesh axis sp must be a positive int or -1, got 0" in capsys.readouterr().err
+    for refused in "abefg":
+        assert not (tmp_path / refused).exists(), f"a refused run left {tmp_path / refused} behind"
     assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
     assert "learning_rate must be in (0, 1), got 5.0" in capsys.readouterr().err
     # A workdir keeps one run's settings: resuming with others would mix two runs.
