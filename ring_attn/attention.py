@@ -78,7 +78,8 @@ def ring_attention(
         )
     if layout == "zigzag" and (T % 2 or S % 2):
         raise ValueError(
-            f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=} and {S=}"
+            f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=} and {S=} "
+            "(ring_attention_global pads a global length of any size)"
         )
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window <= 0:

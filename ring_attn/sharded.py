@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ring_attn.attention import ring_attention
@@ -14,22 +15,19 @@ def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout=
 
     Builds the `shard_map` over `mesh` that shards the sequence axis over `axis_name` (other mesh
     axes replicate). With `layout="zigzag"` it reorders the inputs into the zigzag layout and the
-    output back, inside the `shard_map` by moving half shards between devices. Other keyword
-    arguments go to `ring_attention`.
+    output back, inside the `shard_map` by moving half shards between devices. Any length works:
+    one that the ring size (2x for zigzag) does not divide is padded at the end, the padding masked
+    (it lies after every real query when causal; otherwise it gets a segment id of its own), and
+    the output sliced back. Other keyword arguments go to `ring_attention`.
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(f"{axis_name=} is not an axis of the mesh, whose axes are {mesh.axis_names}")
     ring_size = mesh.shape[axis_name]
-    shards = 2 * ring_size if layout == "zigzag" else ring_size
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", 0) >= 2 and x.shape[1] % shards:
-            what = (
-                f"the ring size {ring_size}" if shards == ring_size else f"{shards}, twice the ring size {ring_size},"
-            )
-            raise ValueError(
-                f"{name}'s sequence length {x.shape[1]} must be divisible by {what} "
-                f"(mesh axis {axis_name!r}, {layout=})"
-            )
+    multiple = 2 * ring_size if layout == "zigzag" else ring_size
+    L = q.shape[1] if getattr(q, "ndim", 0) >= 2 else None
+    padded = L is not None and any(getattr(x, "ndim", 0) >= 2 and x.shape[1] % multiple for x in (q, k, v))
+    if padded:
+        q, k, v, segment_ids = _pad_to_multiple(q, k, v, segment_ids, multiple, causal=kwargs.get("causal", False))
     attend = functools.partial(ring_attention, axis_name=axis_name, layout=layout, **kwargs)
 
     def local(q, k, v, ids):
@@ -39,10 +37,38 @@ def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout=
         return unzigzag_shard(attend(q, k, v, segment_ids=ids), axis_name)
 
     seq = P(None, axis_name)
-    return jax.shard_map(
+    out = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(seq, seq, seq, jax.tree.map(lambda _: seq, segment_ids)),
         out_specs=seq,
         check_vma=check_vma,
     )(q, k, v, segment_ids)
+    return out[:, :L] if padded else out
+
+
+def _pad_to_multiple(q, k, v, segment_ids, multiple, *, causal):
+    """q, k, v and segment ids padded at the end to lengths `multiple` divides. Causal: padded
+    keys come after every real query, so the mask hides them. Otherwise the padding gets a segment
+    id above every real one (ids stay sorted, so the kernels still skip by id ranges)."""
+
+    def pad(x, value=0):
+        extra = -x.shape[1] % multiple
+        widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=value) if extra else x
+
+    B, L, S = q.shape[0], q.shape[1], k.shape[1]
+    if causal and segment_ids is None:
+        return pad(q), pad(k), pad(v), None
+    if segment_ids is None:
+        q_ids, kv_ids = jnp.zeros((B, L), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    elif isinstance(segment_ids, (tuple, list)):
+        q_ids, kv_ids = segment_ids
+    else:
+        q_ids = kv_ids = segment_ids
+    q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
+    if q_ids.ndim != 2 or kv_ids.ndim != 2:  # ring_attention names the argument and the shape
+        return pad(q), pad(k), pad(v), segment_ids
+    padding_id = jnp.maximum(q_ids.max(), kv_ids.max()).astype(jnp.int32) + 1
+    ids = (pad(q_ids.astype(jnp.int32), padding_id), pad(kv_ids.astype(jnp.int32), padding_id))
+    return pad(q), pad(k), pad(v), ids

@@ -74,11 +74,15 @@ def test_bidirectional_mha_matches_oracle(strategy, mesh_shape):
         assert_close(g, e, kind="gradient", name=name)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "all_gather", "ulysses"])
-def test_sliding_window_matches_oracle(strategy):
+@pytest.mark.parametrize(
+    "strategy,mesh_shape,layout",
+    [("ring", (8,), "contiguous"), ("all_gather", (8,), "contiguous"), ("all_gather", (8,), "zigzag"),
+     ("ulysses", (8,), "zigzag"), ("usp", (2, 4), "contiguous")],
+)
+def test_sliding_window_matches_oracle(strategy, mesh_shape, layout):
     L, N, K, H = 128, 8, 2, 32
     q, k, v, d_out = random_qkv(4, 1, L, N, K, H)
-    fn = sharded(strategy, (8,), "contiguous", causal=True, window=24)
+    fn = sharded(strategy, mesh_shape, layout, causal=True, window=24)
     out, grads = output_and_grads(fn, q, k, v, d_out)
     expected, expected_grads = oracle(q, k, v, d_out, causal=True, window=24)
     assert_close(out, expected, name="out")

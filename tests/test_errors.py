@@ -50,7 +50,8 @@ def test_bad_input_is_named(kwargs, match):
 
 def test_zigzag_needs_even_local_length():
     q3, k3, v3, _ = random_qkv(2, 1, 3, 4, 4, 32)
-    with pytest.raises(ValueError, match=r"layout='zigzag' .* must be even, got T=3 and S=3"):
+    with pytest.raises(ValueError, match=r"layout='zigzag' .* must be even, got T=3 and S=3 "
+                                         r"\(ring_attention_global pads"):
         ring_attn.ring_attention(q3, k3, v3, layout="zigzag")
 
 
@@ -72,17 +73,10 @@ def test_block_sizes_are_validated(field, value):
         ring_attn.BlockSizes(**{field: value})
 
 
-def test_global_api_checks_mesh_axis_and_lengths():
+def test_global_api_checks_the_mesh_axis():
     mesh = ring_mesh(4)
     with pytest.raises(ValueError, match=r"axis_name='ring' is not an axis of the mesh, whose axes are \('sp',\)"):
         ring_attn.ring_attention_global(q, k, v, mesh=mesh, axis_name="ring")
-    q6, k6, v6, _ = random_qkv(4, 1, 6, 4, 4, 32)
-    with pytest.raises(ValueError, match=r"q's sequence length 6 must be divisible by the ring size 4"):
-        ring_attn.ring_attention_global(q6, k6, v6, mesh=mesh, axis_name="sp")
-    q12, k12, v12, _ = random_qkv(4, 1, 12, 4, 4, 32)
-    with pytest.raises(ValueError, match=r"q's sequence length 12 must be divisible by 8, twice the ring size 4, "
-                                         r".*layout='zigzag'"):
-        ring_attn.ring_attention_global(q12, k12, v12, mesh=mesh, axis_name="sp", layout="zigzag")
     with pytest.raises(ValueError, match=r"its length 20 must be divisible by 8"):
         ring_attn.zigzag(jnp.zeros((1, 20)), 4)
 

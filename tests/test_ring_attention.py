@@ -179,3 +179,17 @@ def test_under_transforms(transform):
     zz = functools.partial(ring_attn.zigzag, ring_size=R)
     fn = lambda q, k, v: ring_attn.unzigzag(sharded(zz(q), zz(k), zz(v), zz(ids)), R)  # noqa: E731
     assert_matches_oracle(fn, q, k, v, d_out, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal,segments", [(True, False), (False, False), (True, True), (False, True)])
+def test_any_global_length_matches_oracle(layout, causal, segments):
+    # 100 tokens on a ring of 8: padded inside to 104 (contiguous) or 112 (zigzag, 2R chunks),
+    # the padding masked and sliced off; forward and gradients as dense attention on the 100.
+    L = 100
+    q, k, v, d_out = random_qkv(31, 1, L, 4, 2, 32)
+    ids = random_segments(32, 1, L, 3) if segments else None
+    fn = functools.partial(ring_attn.ring_attention_global, mesh=ring_mesh(8), axis_name="sp", causal=causal,
+                           layout=layout, segment_ids=ids)
+    masking = dict(q_segment_ids=ids, kv_segment_ids=ids) if segments else {}
+    assert_matches_oracle(fn, q, k, v, d_out, causal=causal, **masking)
