@@ -39,8 +39,9 @@ def import_peer():
     return ringattention.ringattention_jax
 
 
-def peer_fn(mesh, causal, chunk):
-    """The peer inside `shard_map`, as its README calls it, with query/key chunks of `chunk`."""
+def peer_fn(mesh, causal, chunk, dtype=jnp.float32):
+    """The peer inside `shard_map`, as its README calls it, with query/key chunks of `chunk`,
+    computing in `dtype`."""
     ringattention_jax = import_peer()
     blockwise_kwargs = dict(
         causal_block_size=1 if causal else None,
@@ -49,7 +50,7 @@ def peer_fn(mesh, causal, chunk):
         deterministic=True,
         dropout_rng=None,
         attn_pdrop=0.0,
-        dtype=jnp.float32,
+        dtype=dtype,
         policy=jax.checkpoint_policies.nothing_saveable,
         precision=None,
         prevent_cse=True,
