@@ -46,13 +46,25 @@ def _stages(text):
 
 def _mesh(text):
     """'dp=1,sp=8' -> (("dp", 1), ("sp", 8))."""
+    from model_zoo.sharding import MESH_AXES
+
     axes = []
     for part in text.split(","):
         name, _, size = part.partition("=")
-        if name not in ("dp", "fsdp", "tp", "sp") or not size.lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(f"a mesh axis is NAME=SIZE with NAME in dp, fsdp, tp, sp; got {part!r}")
+        if name not in MESH_AXES or not size.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"a mesh axis is NAME=SIZE with NAME in {', '.join(MESH_AXES)}; got {part!r}"
+            )
         axes.append((name, int(size)))
     return tuple(axes)
+
+
+# ring_attn.context.STRATEGIES, named here so that --help needs no JAX.
+STRATEGIES = ("auto", "ring", "all_gather", "ulysses", "usp")
+STRATEGY_HELP = (
+    "how attention spreads over the sequence (ring_attn.context_attention): ring (default), all_gather, "
+    "ulysses, usp (Ulysses over the mesh's uly axis inside a ring over sp) or auto (the cost model's pick)"
+)
 
 
 def build_parser():
@@ -77,7 +89,9 @@ def build_parser():
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init-from", type=pathlib.Path,
                        help="start from the parameters of this workdir or model folder (fresh optimizer and schedule)")
-    train.add_argument("--mesh", type=_mesh, default=(("sp", -1),), help="axis sizes, e.g. dp=2,sp=4 (default sp=all)")
+    train.add_argument("--mesh", type=_mesh, default=(("sp", -1),),
+                       help="axis sizes, e.g. dp=2,sp=4 or sp=2,uly=4 (default sp=all)")
+    train.add_argument("--attention-strategy", choices=STRATEGIES, default="ring", help=STRATEGY_HELP)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gen = commands.add_parser("generate", help="generate from a trained or converted model")
@@ -90,6 +104,7 @@ def build_parser():
     gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     gen.add_argument("--tokenizer", type=pathlib.Path, help="SentencePiece model (default: the shipped one)")
     gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+    gen.add_argument("--attention-strategy", choices=STRATEGIES, help="the prefill's attention (default: the model's)")
 
     needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
     needle.add_argument("--workdir", required=True, type=pathlib.Path,
@@ -136,7 +151,8 @@ def _train(args):
         raise ValueError(f"--stages is required for preset {args.preset!r} (only 'tiny' has default stages)")
     if args.steps:
         stages = _scale_steps(stages, args.steps)
-    model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)))
+    model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)),
+                          attention_strategy=args.attention_strategy)
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
         needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, max_needles=args.max_needles,
@@ -203,6 +219,8 @@ def _generate(args):
 
     tokenizer = _tokenizer(args.tokenizer)
     mesh, config, params = _load(args.model, args.mesh)
+    if args.attention_strategy:
+        config = config.replace(attention_strategy=args.attention_strategy)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"the tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary "

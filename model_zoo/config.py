@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from ring_attn.context import STRATEGIES
+
 REMAT_POLICIES = ("none", "full", "dots")
 # LWM's vision vocabulary: VQGAN codes, then two specials.
 VQGAN_CODES = 8192
@@ -40,6 +42,8 @@ class LWMConfig:
     ffn_chunk: int | None = None  # tokens per feedforward chunk; None: the kernel's default
     attention_impl: str = "auto"  # the ring_attn kernel backend
     ring_layout: str = "contiguous"  # how the sequence lies on the "sp" ring
+    # how attention spreads over the sequence axes (ring_attn.context_attention's strategy)
+    attention_strategy: str = "ring"
 
     def __post_init__(self):
         check_positive_ints(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -58,6 +62,8 @@ class LWMConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.ring_layout not in ("contiguous", "zigzag"):
             raise ValueError(f"ring_layout must be 'contiguous' or 'zigzag', got {self.ring_layout!r}")
+        if self.attention_strategy not in STRATEGIES:
+            raise ValueError(f"attention_strategy must be one of {STRATEGIES}, got {self.attention_strategy!r}")
 
     @property
     def head_dim(self) -> int:

@@ -43,7 +43,7 @@ def cache_length(longest_prompt, max_new_tokens, config, mesh):
     """Room for the prompt and every new token, rounded so the ring's layout divides it."""
     unit = 1
     if mesh is not None:
-        unit = mesh.shape["sp"] * (2 if config.ring_layout == "zigzag" else 1)
+        unit = mesh.shape["sp"] * mesh.shape["uly"] * (2 if config.ring_layout == "zigzag" else 1)
     need = longest_prompt + max_new_tokens
     return -(-need // unit) * unit
 

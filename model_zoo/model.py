@@ -1,8 +1,9 @@
 """The LWM decoder (LLaMA): RMSNorm, rotary positions, ring attention, SwiGLU, layers under `lax.scan`.
 
 Parameters are a plain pytree with the layers stacked on a leading axis. Inside a mesh with axes
-("dp", "fsdp", "tp", "sp") (see `model_zoo.sharding`), the batch is split over dp and fsdp, the
-sequence over sp (attention runs as a ring there), heads and feedforward columns over tp.
+("dp", "fsdp", "tp", "sp", "uly") (see `model_zoo.sharding`), the batch is split over dp and fsdp,
+the sequence over sp and uly (attention runs there by `config.attention_strategy`: a ring over sp
+by default, Ulysses inside the ring with uly > 1), heads and feedforward columns over tp.
 Outside a mesh the same code runs on one device.
 """
 
@@ -14,8 +15,16 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from model_zoo.config import LWMConfig
-from model_zoo.sharding import BATCH, model_mesh
-from ring_attn import blockwise_feedforward, ring_attention, ring_cache_update, ring_decode, unzigzag, zigzag
+from model_zoo.sharding import BATCH, SEQUENCE, attention_axes, model_mesh
+from ring_attn import (
+    blockwise_feedforward,
+    context_attention,
+    ring_attention,
+    ring_cache_update,
+    ring_decode,
+    unzigzag,
+    zigzag,
+)
 
 INIT_STD = 0.02
 
@@ -72,13 +81,17 @@ def rotary(x, positions, theta):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _ring(q, k, v, segment_ids, config, mesh):
-    """Causal ring attention: over "sp" inside the model mesh, blockwise on one device outside it."""
-    attend = functools.partial(ring_attention, causal=True, impl=config.attention_impl)
+def _attention(q, k, v, segment_ids, config, mesh):
+    """Causal attention: over the sequence axes of the model mesh by `config.attention_strategy`,
+    blockwise on one device outside a mesh."""
     if mesh is None:
-        return attend(q, k, v, segment_ids=segment_ids)
-    heads, rows = P(BATCH, "sp", "tp", None), P(BATCH, "sp")
-    attend = functools.partial(attend, axis_name="sp", layout=config.ring_layout)
+        return ring_attention(q, k, v, causal=True, segment_ids=segment_ids, impl=config.attention_impl)
+    strategy, axis_name = attention_axes(config, dict(mesh.shape))
+    attend = functools.partial(
+        context_attention, causal=True, impl=config.attention_impl, axis_name=axis_name, strategy=strategy,
+        layout=config.ring_layout,
+    )
+    heads, rows = P(BATCH, SEQUENCE, "tp", None), P(BATCH, SEQUENCE)
     if segment_ids is None:  # nothing to pass round the ring with k/v
         return jax.shard_map(attend, in_specs=(heads, heads, heads), out_specs=heads)(q, k, v)
     return jax.shard_map(
@@ -93,7 +106,7 @@ def _feedforward(x, p, config, mesh):
     ffn = functools.partial(blockwise_feedforward, chunk_size=config.ffn_chunk)
     if mesh is None:
         return ffn(x, p["w_gate"], p["w_up"], p["w_down"])
-    tokens = P(BATCH, "sp", None)
+    tokens = P(BATCH, SEQUENCE, None)
     return jax.shard_map(
         lambda x, wg, wu, wd: lax.psum(ffn(x, wg, wu, wd), "tp"),
         in_specs=(tokens, P(None, "tp"), P(None, "tp"), P("tp", None)),
@@ -109,7 +122,7 @@ def _layer(x, p, *, positions, segment_ids, config, mesh, attention, return_cach
     k = rotary((h @ p["wk"]).reshape(B, L, K, H), positions, config.rope_theta)
     v = (h @ p["wv"]).reshape(B, L, K, H)
     if attention is None:
-        o = _ring(q, k, v, segment_ids, config, mesh)
+        o = _attention(q, k, v, segment_ids, config, mesh)
     else:
         o = attention(q, k, v, segment_ids)
     x = _constrain(x + o.reshape(B, L, N * H) @ p["wo"], mesh)
@@ -118,7 +131,7 @@ def _layer(x, p, *, positions, segment_ids, config, mesh, attention, return_cach
 
 
 def _constrain(x, mesh):
-    return x if mesh is None else lax.with_sharding_constraint(x, P(BATCH, "sp", None))
+    return x if mesh is None else lax.with_sharding_constraint(x, P(BATCH, SEQUENCE, None))
 
 
 def _remat(fn, policy):
@@ -151,7 +164,7 @@ def hidden_states(
     inputs = (tokens, segment_ids, positions, vision_mask)
     reorder = mesh is not None and config.ring_layout == "zigzag"
     if reorder:  # zigzag balances causal work; the ring then knows each shard's global positions
-        inputs = jax.tree.map(lambda a: zigzag(a, mesh.shape["sp"], axis=1), inputs)
+        inputs = jax.tree.map(lambda a: zigzag(a, _sequence_devices(mesh), axis=1), inputs)
     tokens, segment_ids, positions, vision_mask = inputs
     x = _embed(params, tokens, vision_mask)
     layer = functools.partial(
@@ -161,7 +174,7 @@ def hidden_states(
     layer = _remat(layer, config.remat)
     x, cache = lax.scan(lambda x, p: layer(x, p), _constrain(x, mesh), params["layers"])
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    x = unzigzag(x, mesh.shape["sp"], axis=1) if reorder else x
+    x = unzigzag(x, _sequence_devices(mesh), axis=1) if reorder else x
     return (x, cache) if return_cache else x
 
 
@@ -241,9 +254,14 @@ def _decode_attention(q, k, v, k_cache, v_cache, positions, config, mesh):
 
     if mesh is None:
         return attend(q, k, v, k_cache, v_cache, positions, None)
-    token, cached = P(BATCH, None, "tp", None), P(BATCH, "sp", "tp", None)
+    token, cached = P(BATCH, None, "tp", None), P(BATCH, SEQUENCE, "tp", None)
     return jax.shard_map(
-        functools.partial(attend, axis_name="sp"),
+        functools.partial(attend, axis_name=SEQUENCE),
         in_specs=(token, token, token, cached, cached, P(BATCH)),
         out_specs=(token, cached, cached),
     )(q, k, v, k_cache, v_cache, positions)
+
+
+def _sequence_devices(mesh):
+    """How many devices the sequence lies over (its layout is over all of them)."""
+    return mesh.shape["sp"] * mesh.shape["uly"]

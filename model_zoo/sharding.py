@@ -1,4 +1,4 @@
-"""The model mesh ("dp", "fsdp", "tp", "sp") and where each parameter and activation lives on it."""
+"""The model mesh ("dp", "fsdp", "tp", "sp", "uly") and where each parameter and activation lives on it."""
 
 import math
 
@@ -7,8 +7,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("dp", "fsdp", "tp", "sp")
+MESH_AXES = ("dp", "fsdp", "tp", "sp", "uly")
 BATCH = ("dp", "fsdp")  # batch rows are split over both data axes
+# The sequence lies over "sp" and "uly", "sp" major: a ring over "sp" of Ulysses groups over "uly"
+# (strategy "usp"); with uly=1 (the default) it is the ring's axis alone.
+SEQUENCE = ("sp", "uly")
 
 # Per parameter (by name), the mesh axis of each dimension; layer-stacked ones lead with None.
 _PARAM_AXES = {
@@ -29,11 +32,11 @@ _PARAM_AXES = {
 }
 
 
-def make_mesh(dp=1, fsdp=1, tp=1, sp=-1, devices=None) -> Mesh:
-    """A mesh with the model's four axes over `devices` (default: all). One size may be -1: the
+def make_mesh(dp=1, fsdp=1, tp=1, sp=-1, uly=1, devices=None) -> Mesh:
+    """A mesh with the model's five axes over `devices` (default: all). One size may be -1: the
     devices left over. Sizes whose product is smaller than the device count use the first ones."""
     devices = np.asarray(jax.devices() if devices is None else devices).ravel()
-    sizes = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp}
+    sizes = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp, "uly": uly}
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
             raise ValueError(f"mesh axis {name} must be a positive int or -1, got {size!r}")
@@ -69,10 +72,22 @@ def check_mesh_shapes(config, shape, batch, length):
     rows = shape["dp"] * shape["fsdp"]
     if batch % rows:
         raise ValueError(f"batch_size={batch} must be divisible by dp*fsdp={rows}")
-    if length % shape["sp"]:
-        raise ValueError(f"sequence length {length} must be divisible by the sp axis size {shape['sp']}")
-    if config.ring_layout == "zigzag" and length % (2 * shape["sp"]):
-        raise ValueError(f"zigzag layout: sequence length {length} must be divisible by 2*sp={2 * shape['sp']}")
+    sequence = shape["sp"] * shape["uly"]
+    if length % sequence:
+        raise ValueError(
+            f"sequence length {length} must be divisible by the {sequence} devices it lies over "
+            f"(sp={shape['sp']} x uly={shape['uly']})"
+        )
+    if config.ring_layout == "zigzag" and length % (2 * sequence):
+        raise ValueError(
+            f"zigzag layout: sequence length {length} must be divisible by 2 x the {sequence} devices it lies over "
+            f"(sp={shape['sp']} x uly={shape['uly']})"
+        )
+    strategy, _ = attention_axes(config, shape)
+    if strategy == "usp" and (config.num_heads // shape["tp"]) % shape["uly"]:
+        raise ValueError(
+            f"num_heads={config.num_heads} over tp={shape['tp']} must be divisible by the uly axis size {shape['uly']}"
+        )
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(config, name) % shape["tp"]:
             raise ValueError(f"{name}={getattr(config, name)} must be divisible by the tp axis size {shape['tp']}")
@@ -94,5 +109,22 @@ def param_shardings(params, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Where a [B, L] batch array lives: rows over dp/fsdp, the sequence over sp."""
-    return NamedSharding(mesh, P(BATCH, "sp"))
+    """Where a [B, L] batch array lives: rows over dp/fsdp, the sequence over sp and uly."""
+    return NamedSharding(mesh, P(BATCH, SEQUENCE))
+
+
+def attention_axes(config, shape):
+    """(strategy, axis_name) that `ring_attn.context_attention` runs with over mesh axis sizes
+    `shape`: a uly axis above 1 means Ulysses inside the ring ("usp" over ("sp", "uly"); "auto"
+    becomes it); otherwise the configured strategy over "sp"."""
+    strategy = config.attention_strategy
+    if shape["uly"] > 1:
+        if strategy not in ("auto", "usp"):
+            raise ValueError(
+                f"a mesh with uly={shape['uly']} runs attention as Ulysses inside the ring: "
+                f"attention_strategy must be 'usp' or 'auto', got {strategy!r}"
+            )
+        return "usp", ("sp", "uly")
+    if strategy == "usp":
+        return "usp", ("sp", "uly")
+    return strategy, "sp"

@@ -36,13 +36,21 @@ def dense_greedy(params, prompt, steps):
     return out
 
 
-@pytest.mark.parametrize("mesh_shape, layout", [({"sp": 8}, "contiguous"), ({"dp": 2, "tp": 2, "sp": 2}, "zigzag")])
-def test_sharded_cache_generates_the_dense_tokens(params, mesh_shape, layout):
+@pytest.mark.parametrize(
+    "mesh_shape, layout, strategy",
+    [
+        ({"sp": 8}, "contiguous", "ring"),
+        ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "ring"),
+        ({"sp": 2, "uly": 4}, "zigzag", "usp"),  # the cache over both sequence axes
+    ],
+)
+def test_sharded_cache_generates_the_dense_tokens(params, mesh_shape, layout, strategy):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 64, size=n)) for n in (5, 13, 2)]
     expected = [dense_greedy(params, p, 7) for p in prompts]
+    config = SMALL.replace(ring_layout=layout, attention_strategy=strategy)
     with jax.set_mesh(make_mesh(**mesh_shape)):
-        got = generate(params, prompts, config=SMALL.replace(ring_layout=layout), max_new_tokens=7)
+        got = generate(params, prompts, config=config, max_new_tokens=7)
     assert got == expected
 
 

@@ -65,12 +65,19 @@ def test_presets_and_overrides():
 
 
 @pytest.mark.parametrize(
-    "mesh_shape, layout, remat",
-    [({"sp": 8}, "contiguous", "full"), ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "dots")],
+    "mesh_shape, layout, remat, strategy",
+    [
+        ({"sp": 8}, "contiguous", "full", "ring"),
+        ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "dots", "ring"),
+        ({"sp": 8}, "zigzag", "full", "all_gather"),
+        ({"dp": 2, "sp": 4}, "zigzag", "full", "ulysses"),  # 4 query heads, 2 kv heads each replicated
+        ({"tp": 2, "sp": 2, "uly": 2}, "zigzag", "full", "usp"),
+    ],
 )
-def test_ring_model_matches_dense_model(mesh_shape, layout, remat):
-    """Logits and loss gradients: the model with its sequence on a ring vs dense attention on one device."""
-    config = SMALL.replace(ring_layout=layout, remat=remat)
+def test_ring_model_matches_dense_model(mesh_shape, layout, remat, strategy):
+    """Logits and loss gradients: the model with its sequence sharded (a ring, or another
+    context_attention strategy) vs dense attention on one device."""
+    config = SMALL.replace(ring_layout=layout, remat=remat, attention_strategy=strategy)
     params = random_params(config, 0)
     batch = random_batch(1, 2, 64, config.vocab_size)
     logits = functools.partial(forward, segment_ids=batch["segment_ids"], positions=batch["positions"], config=config)
@@ -141,7 +148,8 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="positions must have the tokens' shape"):
         forward(params, np.ones((2, 8), np.int32), config=SMALL, positions=np.ones((2, 4), np.int32))
     with jax.set_mesh(make_mesh(sp=8)):
-        with pytest.raises(ValueError, match="sequence length 12 must be divisible by the sp axis size 8"):
+        with pytest.raises(ValueError, match=r"sequence length 12 must be divisible by the 8 devices it lies over "
+                                             r"\(sp=8 x uly=1\)"):
             forward(params, np.ones((1, 12), np.int32), config=SMALL)
     with pytest.raises(ValueError, match="num_kv_heads=2 must be divisible by the tp axis size 4"):
         with jax.set_mesh(make_mesh(tp=4, sp=2)):

@@ -130,10 +130,14 @@ def test_bad_settings_are_named(tmp_path, capsys):
     # the axis, and a refused run leaves no workdir behind.
     assert main(["train", "--workdir", str(tmp_path / "f"), "--mesh", "sp=3"]) == 1
     assert "stage 1 (512 tokens) on the mesh" in (err := capsys.readouterr().err)
-    assert "sequence length 512 must be divisible by the sp axis size 3" in err
+    assert "sequence length 512 must be divisible by the 3 devices it lies over (sp=3 x uly=1)" in err
     assert main(["train", "--workdir", str(tmp_path / "g"), "--mesh", "sp=0"]) == 1
     assert "mesh axis sp must be a positive int or -1, got 0" in capsys.readouterr().err
-    for refused in "abefg":
+    assert main(["train", "--workdir", str(tmp_path / "h"), "--mesh", "sp=4,uly=2"]) == 1
+    assert "a mesh with uly=2 runs attention as Ulysses inside the ring: attention_strategy must be" in (
+        capsys.readouterr().err
+    )
+    for refused in "abefgh":
         assert not (tmp_path / refused).exists(), f"a refused run left {tmp_path / refused} behind"
     assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
     assert "learning_rate must be in (0, 1), got 5.0" in capsys.readouterr().err
@@ -142,3 +146,10 @@ def test_bad_settings_are_named(tmp_path, capsys):
     (tmp_path / "d" / "run.json").write_text(json.dumps({"seed": 1}))
     assert main(["train", "--workdir", str(tmp_path / "d")]) == 1
     assert "holds a run with different settings" in capsys.readouterr().err
+
+
+def test_the_command_line_offers_every_attention_strategy():
+    from model_zoo import __main__ as cli
+    from ring_attn.context import STRATEGIES
+
+    assert cli.STRATEGIES == STRATEGIES  # named twice so that --help needs no JAX
