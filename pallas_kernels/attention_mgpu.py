@@ -57,7 +57,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import LN2, LOG2E, offsets_operand, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids
-from pallas_kernels.mgpu_common import load, segment_table
+from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
 # Rows of one warpgroup's wgmma (its M); also the query tile and the unit of padding.
 WG_ROWS = 64
@@ -194,18 +194,12 @@ def _fwd_body(
     kv_head = lax.div(n, jnp.int32(groups))
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
 
-    def kv_tiles(i):
-        """[lo, hi) key tiles some query of query tile i may see; also its first position, rows."""
-        first, count = q_tiling.first_row(i)
-        q_first = q_offset + first
-        lo, hi = kv_tile_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
-        return lo, hi, q_first, count
-
-    # The tiles loaded for the whole block: from its first query tile's lower bound to its
-    # last one's upper bound (both bounds grow with the position).
-    lo, _, _, _ = kv_tiles(block * wgs)
-    _, hi, _, _ = kv_tiles(block * wgs + wgs - 1)
-    steps = jnp.maximum(hi - lo, 0)
+    # [lo, hi) key tiles some query of query tile i may see; its first position and real rows.
+    kv_tiles = functools.partial(
+        tiles_seen, q_tiling, offset=q_offset, other_tiling=kv_tiling, other_offset=kv_offset,
+        tile_range=kv_tile_range, causal=causal, window=window,
+    )
+    lo, steps = streamed_tiles(kv_tiles, block, wgs)
 
     @pl.when(wg == wgs)
     def _producer():

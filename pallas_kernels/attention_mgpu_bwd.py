@@ -65,7 +65,7 @@ from pallas_kernels.attention_mgpu import (
 )
 from pallas_kernels.common import LOG2E, offsets_operand, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
-from pallas_kernels.mgpu_common import load, segment_table
+from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
 
 def attention_bwd(
@@ -331,17 +331,12 @@ def _dq_body(
     kv_head = lax.div(n, jnp.int32(groups))
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
 
-    def kv_tiles(i):
-        """[lo, hi) key tiles some query of query tile i may see; also its first position, rows."""
-        first, count = q_tiling.first_row(i)
-        q_first = q_offset + first
-        lo, hi = kv_tile_range(q_first, q_first + count - 1, kv_offset, kv_tiling, causal=causal, window=window)
-        return lo, hi, q_first, count
-
-    # The block's query tiles' bounds grow with position: stream from the first's lo to the last's hi.
-    lo, _, _, _ = kv_tiles(block * wgs)
-    _, hi, _, _ = kv_tiles(block * wgs + wgs - 1)
-    steps = jnp.maximum(hi - lo, 0)
+    # [lo, hi) key tiles some query of query tile i may see; its first position and real rows.
+    kv_tiles = functools.partial(
+        tiles_seen, q_tiling, offset=q_offset, other_tiling=kv_tiling, other_offset=kv_offset,
+        tile_range=kv_tile_range, causal=causal, window=window,
+    )
+    lo, steps = streamed_tiles(kv_tiles, block, wgs)
 
     @pl.when(wg == wgs)
     def _producer():
@@ -425,16 +420,12 @@ def _dkv_body(
     wg = lax.axis_index("wg")
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
 
-    def q_tiles(j):
-        """[lo, hi) query tiles that may see some key of key tile j; also its first position, rows."""
-        first, count = kv_tiling.first_row(j)
-        kv_first = kv_offset + first
-        lo, hi = q_tile_range(kv_first, kv_first + count - 1, q_offset, q_tiling, causal=causal, window=window)
-        return lo, hi, kv_first, count
-
-    lo, _, _, _ = q_tiles(block * wgs)
-    _, hi, _, _ = q_tiles(block * wgs + wgs - 1)
-    per_head = jnp.maximum(hi - lo, 0)
+    # [lo, hi) query tiles that may see some key of key tile j; its first position and real rows.
+    q_tiles = functools.partial(
+        tiles_seen, kv_tiling, offset=kv_offset, other_tiling=q_tiling, other_offset=q_offset,
+        tile_range=q_tile_range, causal=causal, window=window,
+    )
+    lo, per_head = streamed_tiles(q_tiles, block, wgs)
     steps = groups * per_head
 
     def step_tile(t):

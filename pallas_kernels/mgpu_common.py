@@ -1,5 +1,6 @@
 """What the Mosaic GPU attention kernels (forward and backward) share: register loads across JAX
-versions, and the per-tile-pair segment table that lets a kernel skip tiles of disjoint documents."""
+versions, the tiles a CTA streams, and the per-tile-pair segment table that lets a kernel skip
+tiles of disjoint documents."""
 
 import inspect
 
@@ -25,3 +26,23 @@ def segment_table(q_ids, kv_ids, q_tiling, kv_tiling):
     q_min, q_max = q_t.min(-1)[:, :, None], q_t.max(-1)[:, :, None]
     kv_min, kv_max = kv_t.min(-1)[:, None, :], kv_t.max(-1)[:, None, :]
     return ((q_min <= kv_max) & (kv_min <= q_max)).astype(jnp.int32)
+
+
+def tiles_seen(tiling, i, offset, other_tiling, other_offset, tile_range, *, causal, window):
+    """For tile i of `tiling` (first position `offset`): the [lo, hi) tiles of `other_tiling`
+    (first position `other_offset`) it may see, by `tile_range` (`gpu_tiling.kv_tile_range` for
+    query tiles, `q_tile_range` for key tiles), then its first global position and real rows."""
+    first, count = tiling.first_row(i)
+    start = offset + first
+    lo, hi = tile_range(start, start + count - 1, other_offset, other_tiling, causal=causal, window=window)
+    return lo, hi, start, count
+
+
+def streamed_tiles(seen, block, wgs):
+    """(first tile, count) a CTA of `wgs` consumer tiles (block * wgs onwards) streams of the other
+    axis: from its first tile's lower bound to its last one's upper bound (both grow with the
+    position). `seen(i)` is `tiles_seen` bound to everything but the tile."""
+    lo = seen(block * wgs)[0]
+    hi = seen(block * wgs + wgs - 1)[1]
+    return lo, jnp.maximum(hi - lo, 0)
+
