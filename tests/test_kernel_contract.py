@@ -106,7 +106,7 @@ def kernels(kernel, *, causal, window, block_q, block_kv, given_delta):
 @pytest.mark.parametrize(
     "backend,B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,offsets", list(backend_cases())
 )
-def test_forward_and_backward_match_kernel_oracle(
+def test_forward_and_backward_match_oracle(
     backend, B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets
 ):
     q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)

@@ -69,8 +69,9 @@ def test_presets_and_overrides():
     [
         ({"sp": 8}, "contiguous", "full", "ring"),
         ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "dots", "ring"),
-        ({"sp": 8}, "zigzag", "full", "all_gather"),
-        ({"dp": 2, "sp": 4}, "zigzag", "full", "ulysses"),  # 4 query heads, 2 kv heads each replicated
+        # Ulysses over uly inside a ring over sp, heads also split over tp: the model passes its
+        # strategy and sequence axes through (each strategy is checked against the oracle in
+        # test_context_attention.py).
         ({"tp": 2, "sp": 2, "uly": 2}, "zigzag", "full", "usp"),
     ],
 )
