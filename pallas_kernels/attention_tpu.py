@@ -280,7 +280,7 @@ def _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_
                 raise ValueError(
                     f"on TPU {name}={block} must be a multiple of {NUM_LANES} or the whole length {length}"
                 )
-    return _Mask(
+    return TileMask(
         causal=bool(causal), window=None if window is None else int(window), segments=q_segment_ids is not None,
         block_q=block_q, block_kv=block_kv, num_q_blocks=T // block_q, num_kv_blocks=S // block_kv,
     )
@@ -323,7 +323,7 @@ def _tile_id_ranges(ids, block):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Mask:
+class TileMask:
     """Static masking rules: which tiles may hold a visible pair, and the mask inside a tile."""
 
     causal: bool

@@ -169,9 +169,14 @@ def test_tiles_with_no_common_segment_are_skipped(backend):
 
 def test_interpreters_poison_fresh_outputs():
     # The premise of "a missed write fails": the Triton (HLO) and Mosaic GPU interpreters hand a
-    # kernel NaN-filled outputs. A kernel that writes only its first block leaves NaN in the rest.
+    # kernel NaN-filled outputs, so a kernel that writes only its first block leaves NaN in the
+    # rest. The TPU interpreter poisons an output block's buffer when the grid first visits it, and
+    # (as the hardware does) carries that buffer into the next step: a block left unwritten first
+    # is NaN, one left unwritten later holds the block before it, which the oracle comparison
+    # rejects.
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.pallas import tpu as pltpu
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)), jnp.float32)
 
@@ -198,3 +203,14 @@ def test_interpreters_poison_fresh_outputs():
         y = np.asarray(kernel(x))
         np.testing.assert_array_equal(y[:8], np.asarray(x[:8]), err_msg=name)
         assert np.isnan(y[8:]).all(), f"the {name} interpreter did not poison the rows the kernel left unwritten"
+
+    def second_block_only(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 1)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    tpu = pl.pallas_call(second_block_only, grid=(2,), in_specs=[block], out_specs=block,
+                         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=pltpu.InterpretParams())
+    y = np.asarray(tpu(x))
+    assert np.isnan(y[:8]).all(), "the TPU interpreter did not poison the block the kernel left unwritten"
+    np.testing.assert_array_equal(y[8:], np.asarray(x[8:]), err_msg="tpu")

@@ -26,7 +26,7 @@ def test_tile_skipping_and_index_clamping(causal, window):
     # block. The predicate and index maps are elementwise: evaluate them on whole grids,
     # [offset pairs, q block, kv block].
     bq, bk, nq, nk = 8, 4, 3, 6
-    mask = attention_tpu._Mask(causal=causal, window=window, segments=False, block_q=bq, block_kv=bk,
+    mask = attention_tpu.TileMask(causal=causal, window=window, segments=False, block_q=bq, block_kv=bk,
                                num_q_blocks=nq, num_kv_blocks=nk)
     rng = np.random.default_rng(0)
     pairs = np.concatenate([[[0, 0], [40, 0], [0, 40]], rng.integers(0, 48, (40, 2))]).astype(np.int32)
