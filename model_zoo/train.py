@@ -107,12 +107,12 @@ def loss_fn(params, batch, config: LWMConfig, attention=None):
     )
     mask = batch["loss_mask"]
     if not config.vision:
-        return _row_normalised(_cross_entropy(text_logits(params, x), batch["targets"]), mask)
+        return row_normalised(_cross_entropy(text_logits(params, x), batch["targets"]), mask)
     is_vision = batch["vision_targets"].astype(mask.dtype)
     text_targets = jnp.where(is_vision > 0, 0, batch["targets"])
     vision_targets = jnp.where(is_vision > 0, batch["targets"], 0)
-    text = _row_normalised(_cross_entropy(text_logits(params, x), text_targets), mask * (1 - is_vision))
-    vision = _row_normalised(_cross_entropy(vision_logits(params, x), vision_targets), mask * is_vision)
+    text = row_normalised(_cross_entropy(text_logits(params, x), text_targets), mask * (1 - is_vision))
+    vision = row_normalised(_cross_entropy(vision_logits(params, x), vision_targets), mask * is_vision)
     has_text, has_vision = jnp.any(mask * (1 - is_vision) > 0), jnp.any(mask * is_vision > 0)
     both = has_text & has_vision
     return jnp.where(both, 0.5 * text + 0.5 * vision, jnp.where(has_vision, vision, text))
@@ -123,7 +123,7 @@ def _cross_entropy(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def _row_normalised(losses, mask):
+def row_normalised(losses, mask):
     per_row = jnp.sum(losses * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     rows = jnp.sum(jnp.any(mask > 0, axis=1))
     return jnp.sum(per_row) / jnp.maximum(rows, 1)

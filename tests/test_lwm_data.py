@@ -8,7 +8,7 @@ from model_zoo import TINY
 from model_zoo.corpus import CITIES, corpus_documents
 from model_zoo.data import needle_example, packed_batch
 from model_zoo.tokenizer import Tokenizer, default_tokenizer
-from model_zoo.train import TrainConfig, _row_normalised, loss_fn
+from model_zoo.train import TrainConfig, loss_fn, row_normalised
 
 
 def test_tokenizer_round_trips_the_corpus_and_other_text():
@@ -125,7 +125,7 @@ def test_loss_is_normalised_per_row():
     mask[0, :2] = 1
     mask[1, :] = 1  # row 2 has no loss tokens and does not count
     want = (losses[0, :2].mean() + losses[1].mean()) / 2
-    np.testing.assert_allclose(_row_normalised(jnp.asarray(losses), jnp.asarray(mask)), want, rtol=1e-6)
+    np.testing.assert_allclose(row_normalised(jnp.asarray(losses), jnp.asarray(mask)), want, rtol=1e-6)
 
 
 def test_text_and_vision_losses_weigh_half_each():
