@@ -6,7 +6,15 @@ import jax
 
 import pallas_kernels
 from pallas_kernels import BlockSizes, Impl, Kernel
-from ring_attn.checks import check_layout, check_qkv, checked_scale, ring_position, split_segment_ids
+from ring_attn.checks import (
+    check_block_sizes,
+    check_layout,
+    check_qkv,
+    check_window,
+    checked_scale,
+    ring_position,
+    split_segment_ids,
+)
 from ring_attn.ring import RingSpec, ring_attention_shard
 
 
@@ -81,9 +89,8 @@ def ring_attention(
             f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=} and {S=} "
             "(ring_attention_global pads a global length of any size)"
         )
+    check_window(window)
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-            raise ValueError(f"window must be a positive int or None, got {window!r}")
         if layout == "zigzag":
             raise NotImplementedError(
                 "window with layout='zigzag': a window keeps each device's work near the diagonal, "
@@ -91,8 +98,7 @@ def ring_attention(
             )
         if ring_size > 1 and T != S:
             raise ValueError(f"a sliding window over a ring needs equal local lengths, got {T=} and {S=}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
+    check_block_sizes(block_sizes)
     tiled_T, tiled_S = (T // 2, S // 2) if layout == "zigzag" else (T, S)
     spec = RingSpec(
         axis_name=axis_name, causal=bool(causal), window=window, scale=checked_scale(scale, H), layout=layout,

@@ -7,6 +7,7 @@ from collections.abc import Hashable
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import BlockSizes
 from ring_attn.layout import LAYOUTS
 
 
@@ -40,6 +41,16 @@ def checked_scale(scale, H):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
     return float(scale)
+
+
+def check_window(window):
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+
+
+def check_block_sizes(block_sizes):
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
 
 
 def check_layout(layout):

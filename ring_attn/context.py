@@ -29,9 +29,18 @@ from jax import lax
 
 import pallas_kernels
 from pallas_kernels import BlockSizes, Impl, Kernel
+from pallas_kernels.common import offsets_operand
 from ring_attn import cost
 from ring_attn.attention import ring_attention
-from ring_attn.checks import check_layout, check_qkv, checked_scale, ring_position, split_segment_ids
+from ring_attn.checks import (
+    check_block_sizes,
+    check_layout,
+    check_qkv,
+    check_window,
+    checked_scale,
+    ring_position,
+    split_segment_ids,
+)
 from ring_attn.layout import unzigzag, zigzag
 
 STRATEGIES = ("auto", "ring", "all_gather", "ulysses", "usp")
@@ -90,7 +99,6 @@ def context_attention(
         case "usp":
             q_seg, kv_seg = split_segment_ids(segment_ids, B, T, S)
             return _ulysses(q, k, v, q_seg, kv_seg, ring_axis=axes[0], ulysses_axis=axes[1], layout=layout, **options)
-    raise AssertionError(strategy)
 
 
 def _axes(axis_name, strategy):
@@ -171,10 +179,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _local_spec(T, S, *, causal, window, scale, block_sizes, impl, H):
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
+    check_window(window)
+    check_block_sizes(block_sizes)
     kernel = pallas_kernels.resolve_impl(impl)
     return _LocalSpec(
         causal=bool(causal), window=window, scale=checked_scale(scale, H), impl=kernel,
@@ -196,7 +202,7 @@ def _all_gather(q, k, v, q_seg, kv_seg, *, axis_name, layout, causal, window, sc
     S_all = k_all.shape[1]
     if layout == "contiguous":
         spec = _local_spec(T, S_all, causal=causal, window=window, scale=scale, block_sizes=block_sizes, impl=impl, H=H)
-        return _attend(q, k_all, v_all, q_seg, kv_seg_all, _offsets(rank * T, 0), spec)
+        return _attend(q, k_all, v_all, q_seg, kv_seg_all, offsets_operand(rank * T, 0), spec)
     if T % 2:
         raise ValueError(f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=}")
     # Zigzag: this device's queries are chunks rank and 2R-1-rank of 2R, each at its own position.
@@ -205,12 +211,8 @@ def _all_gather(q, k, v, q_seg, kv_seg, *, axis_name, layout, causal, window, sc
     parts = []
     for chunk, rows in ((rank, slice(0, half)), (2 * R - 1 - rank, slice(half, T))):
         ids = None if q_seg is None else q_seg[:, rows]
-        parts.append(_attend(q[:, rows], k_all, v_all, ids, kv_seg_all, _offsets(chunk * half, 0), spec))
+        parts.append(_attend(q[:, rows], k_all, v_all, ids, kv_seg_all, offsets_operand(chunk * half, 0), spec))
     return jnp.concatenate(parts, axis=1)
-
-
-def _offsets(q_offset, kv_offset):
-    return jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
 
 
 def _ulysses(q, k, v, q_seg, kv_seg, *, ring_axis, ulysses_axis, layout, causal, window, scale, block_sizes, impl):

@@ -36,7 +36,14 @@ from jax.experimental.pallas import tpu as pltpu
 import pallas_kernels
 from pallas_kernels import BlockSizes, Kernel, attention_tpu
 from ring_attn import ring
-from ring_attn.checks import check_layout, check_qkv, checked_scale, ring_position, split_segment_ids
+from ring_attn.checks import (
+    check_block_sizes,
+    check_layout,
+    check_qkv,
+    checked_scale,
+    ring_position,
+    split_segment_ids,
+)
 
 
 def ring_attention_remote_dma(
@@ -90,8 +97,7 @@ def ring_attention_remote_dma(
     ring_size, _ = ring_position(axis_name, "ring_attention_remote_dma")
     if causal and T != S and ring_size > 1:
         raise ValueError(f"causal ring attention needs equal local query and key lengths, got {T=} and {S=}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a ring_attn.BlockSizes or None, got {block_sizes!r}")
+    check_block_sizes(block_sizes)
     interpret = _resolve_interpret(interpret)
     spec = _Spec(
         ring.RingSpec(
