@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import LN2, LOG2E, offsets_operand, typed_alike
+from pallas_kernels.common import LN2, offsets_operand, scores, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids
 from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
@@ -80,7 +80,7 @@ def interpret_params():
 
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, window=None, scale, block_q, block_kv, interpret=None,
+    causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=None,
 ):
     """q: [B, T, N, H], k/v: [B, S, K, H] (bfloat16 or float16) -> (out [B, T, N, H] f32, lse [B, N, T] f32).
 
@@ -119,14 +119,16 @@ def attention_fwd(
     wgs = 2 if q_tiling.num_tiles % 2 == 0 else 1
     call = _fwd_call(
         B=B, N=N, K=K, head_dim=head_dim, dtype=dtype, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs,
-        causal=causal, window=window, scale=scale, segments=segments, out_type=out_type, interpret=interpret,
+        causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
+        out_type=out_type, interpret=interpret,
     )
     out, lse = call(*(x for x in operands if x is not None))
     return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
 
 
 def _fwd_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, wgs, causal, window, scale, segments, out_type, interpret,
+    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, wgs, causal, window, scale, logit_soft_cap, segments, out_type,
+    interpret,
 ):
     tq, tk = WG_ROWS, kv_tiling.tile
     T_p = q_tiling.padded_length
@@ -147,7 +149,8 @@ def _fwd_call(
     )
     body = functools.partial(
         _fwd_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
-        causal=causal, window=window, scale=scale, segments=segments, compiled=interpret is None,
+        causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
+        compiled=interpret is None,
     )
     out_shape = (
         jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
@@ -169,7 +172,7 @@ def _fwd_call(
 
 
 def _fwd_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, q_ready, k_ready, v_ready, consumed,
 ):
     if segments:
@@ -263,7 +266,8 @@ def _fwd_body(
 
         def compute(slot, j, carry):
             acc, m, l = carry
-            s = matmul(q_smem.at[wg], kt_smem.at[slot], (tq, tk)) * (scale * LOG2E)
+            s = scores(matmul(q_smem.at[wg], kt_smem.at[slot], (tq, tk)), scale=scale,
+                       logit_soft_cap=logit_soft_cap, base2=True)
             mask = mask_for(j)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)

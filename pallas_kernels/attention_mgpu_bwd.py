@@ -63,14 +63,15 @@ from pallas_kernels.attention_mgpu import (
     WG_ROWS,
     interpret_params,
 )
-from pallas_kernels.common import LOG2E, offsets_operand, typed_alike
+from pallas_kernels.common import LOG2E, offsets_operand, scores, through_soft_cap, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
 from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
 
 def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
-    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv, interpret=None,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
+    interpret=None,
 ):
     """Gradients of the attention output: float32 (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, H]).
 
@@ -120,7 +121,7 @@ def attention_bwd(
     q_p, do_p, lse_p, delta_p, k_p, v_p, qt, dot, kt, vt, q_ids, kv_ids, dq_table, dkv_table, offsets = operands
     common = dict(
         B=B, N=N, K=K, head_dim=head_dim, dtype=dtype, causal=causal, window=window, scale=scale,
-        segments=segments, out_type=out_type, interpret=interpret,
+        logit_soft_cap=logit_soft_cap, segments=segments, out_type=out_type, interpret=interpret,
     )
     dq = _dq_call(q_tiling=q_tiling, kv_tiling=kv_stream, **common)(
         *_present(q_p, do_p, lse_p, delta_p, k_p, kt, vt, q_ids, kv_ids, dq_table, offsets)
@@ -169,7 +170,8 @@ def _staging(shape):
 
 
 def _dq_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, segments, out_type, interpret,
+    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, out_type,
+    interpret,
 ):
     tq, tk = WG_ROWS, kv_tiling.tile
     wgs = _consumer_wgs(head_dim, q_tiling)
@@ -191,7 +193,8 @@ def _dq_call(
     )
     body = functools.partial(
         _dq_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
-        causal=causal, window=window, scale=scale, segments=segments, compiled=interpret is None,
+        causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
+        compiled=interpret is None,
     )
     out_shape = jax.ShapeDtypeStruct((B, q_tiling.padded_length, N, head_dim), jnp.float32, manual_axis_type=out_type)
     return _call(
@@ -201,7 +204,8 @@ def _dq_call(
 
 
 def _dkv_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, segments, out_type, interpret,
+    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, out_type,
+    interpret,
 ):
     tk, tq = WG_ROWS, q_tiling.tile
     wgs = _consumer_wgs(head_dim, kv_tiling)
@@ -230,7 +234,8 @@ def _dkv_call(
     )
     body = functools.partial(
         _dkv_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
-        causal=causal, window=window, scale=scale, segments=segments, compiled=interpret is None,
+        causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
+        compiled=interpret is None,
     )
     grad = jax.ShapeDtypeStruct((B, kv_tiling.padded_length, K, head_dim), jnp.float32, manual_axis_type=out_type)
     return _call(
@@ -312,7 +317,7 @@ def _consume(steps, ready, consumed, visible, compute, carry):
 
 
 def _dq_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     q_smem, do_smem, k_smem, kt_smem, vt_smem, ds_smem, dq_smem, q_ready, do_ready, k_ready, kt_ready, vt_ready,
     consumed,
 ):
@@ -381,13 +386,15 @@ def _dq_body(
                  col < kv_count if kv_tiling.is_padded else None],
                 causal=causal, window=window,
             )
-            s = _matmul(q_smem.at[wg], kt_smem.at[slot], (tq, tk)) * (scale * LOG2E)
+            s = scores(_matmul(q_smem.at[wg], kt_smem.at[slot], (tq, tk)), scale=scale,
+                       logit_soft_cap=logit_soft_cap, base2=True)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse2, (tq, tk), [0]))
             if mask is not None:
                 # After the exponent: a row that saw nothing has lse -inf, and its inf is selected away.
                 p = jnp.where(mask, p, 0.0)
             dp = _matmul(do_smem.at[wg], vt_smem.at[slot], (tq, tk))
-            ds_smem.at[wg][...] = (p * (dp - lax.broadcast_in_dim(delta, (tq, tk), [0]))).astype(dtype)
+            ds = p * (dp - lax.broadcast_in_dim(delta, (tq, tk), [0]))
+            ds_smem.at[wg][...] = through_soft_cap(ds, s, logit_soft_cap=logit_soft_cap, base2=True).astype(dtype)
             plgpu.commit_smem()  # make the stores visible to wgmma
             return dq + _matmul(ds_smem.at[wg], k_smem.at[slot], (tq, head_dim))
 
@@ -402,7 +409,7 @@ def _dq_body(
 
 
 def _dkv_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     k_smem, v_smem, q_smem, qt_smem, do_smem, dot_smem, lse_smem, delta_smem, ds_smem, out_smem,
     k_ready, v_ready, q_ready, qt_ready, do_ready, dot_ready, lse_ready, delta_ready, consumed,
 ):
@@ -480,7 +487,8 @@ def _dkv_body(
             )
             lse2 = lax.broadcast_in_dim(registers(lse_smem, slot, cols_layout) * LOG2E, (tk, tq), [1])
             delta = lax.broadcast_in_dim(registers(delta_smem, slot, cols_layout), (tk, tq), [1])
-            st = _matmul(k_smem.at[wg], qt_smem.at[slot], (tk, tq)) * (scale * LOG2E)
+            st = scores(_matmul(k_smem.at[wg], qt_smem.at[slot], (tk, tq)), scale=scale,
+                        logit_soft_cap=logit_soft_cap, base2=True)
             pt = jnp.exp2(st - lse2)
             if mask is not None:
                 # After the exponent: a query that saw nothing has lse -inf, and its inf is selected away.
@@ -490,7 +498,8 @@ def _dkv_body(
             dv = dv + _matmul(ds_smem.at[wg], do_smem.at[slot], (tk, head_dim))
             dpt = _matmul(v_smem.at[wg], dot_smem.at[slot], (tk, tq))
             # The dV product has completed, so the P^T buffer takes dS^T.
-            ds_smem.at[wg][...] = (pt * (dpt - delta)).astype(dtype)
+            ds_smem.at[wg][...] = through_soft_cap(pt * (dpt - delta), st, logit_soft_cap=logit_soft_cap,
+                                                   base2=True).astype(dtype)
             plgpu.commit_smem()
             return dk + _matmul(ds_smem.at[wg], q_smem.at[slot], (tk, head_dim)), dv
 

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.attention_xla import position_conditions
-from pallas_kernels.common import offsets_operand, typed_alike
+from pallas_kernels.common import offsets_operand, scores, through_soft_cap, typed_alike
 
 # Finite, so masked scores never make inf - inf; rows that see no key are detected and zeroed.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -49,7 +49,7 @@ _NT_DIMS = (((1,), (1,)), ((), ()))
 
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, window=None, scale, block_q, block_kv, interpret=None,
+    causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=None,
 ):
     """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
 
@@ -67,13 +67,18 @@ def attention_fwd(
     operands, vma = typed_alike(
         *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids
     )
-    out, lse = _build_fwd(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
+    build = functools.partial(
+        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
+        interpret=interpret,
+    )
+    out, lse = build()(*operands)
     return _heads_split(out, N, H), lse[..., 0]
 
 
 def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
-    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv, interpret=None,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
+    interpret=None,
 ):
     """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
 
@@ -97,14 +102,15 @@ def attention_bwd(
     delta = delta.astype(jnp.float32)[:, :, None, :]
     q_, k_, v_, do_ = (_heads_minor(x, Hp) for x in (q, k, v, d_out))
     operands, vma = typed_alike(*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
-    dq = _build_bwd_dq(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
-    dk, dv = _build_bwd_dkv(mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)(*operands)
+    common = dict(B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma, interpret=interpret)
+    dq = _build_bwd_dq(mask, **common)(*operands)
+    dk, dv = _build_bwd_dkv(mask, **common)(*operands)
     return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
 
 
 def attention_fwd_ring_step(
     q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, scale, block_q, block_kv, interpret=None,
+    causal=False, scale, logit_soft_cap=None, block_q, block_kv, interpret=None,
 ):
     """`attention_fwd` on the k/v shard in hand, which the same kernel passes on round the ring.
 
@@ -132,7 +138,10 @@ def attention_fwd_ring_step(
     operands, vma = typed_alike(
         *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids, k, v, kv_ids
     )
-    build = functools.partial(_build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, vma=vma, interpret=interpret)
+    build = functools.partial(
+        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
+        interpret=interpret,
+    )
     out, lse, k_next, v_next, kv_ids_next = build(ring=_RingPass(axis_name, k.shape, k.dtype))(*operands)
     kv_next = (k_next, v_next, None if kv_ids_next is None else kv_ids_next[:, 0, :])
     return (_heads_split(out, N, H), lse[..., 0]), kv_next
@@ -154,7 +163,7 @@ def _segment_specs(mask, q_ids_index, kv_ids_index):
     return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
 
 
-def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret, ring=None):
+def _build_fwd(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret, ring=None):
     """The forward `pallas_call`; with `ring` (a `_RingPass`), the ring-step kernel that also
     sends the whole held shard (extra HBM inputs) into the next device's receive buffers (extra
     HBM outputs), with one send and one receive DMA semaphore per array."""
@@ -175,7 +184,7 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret, ring=None):
         pltpu.VMEM((bq, NUM_LANES), jnp.float32),
         pltpu.VMEM((bq, Hp), jnp.float32),
     ]
-    kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale)
+    kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap)
     params = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
     if ring is not None:
         whole = pl.BlockSpec(memory_space=pl.ANY)
@@ -186,7 +195,9 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret, ring=None):
         ids_next = jax.ShapeDtypeStruct((B, 1, ring.kv_shape[1]), jnp.int32, manual_axis_type=vma)
         out_shape += [kv_next, kv_next, ids_next if mask.segments else None]
         scratch_shapes += [pltpu.SemaphoreType.DMA((3,)), pltpu.SemaphoreType.DMA((3,))]
-        kernel = functools.partial(_fwd_ring_step_kernel, mask=mask, scale=scale, axis_name=ring.axis_name)
+        kernel = functools.partial(
+            _fwd_ring_step_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap, axis_name=ring.axis_name
+        )
         params = dict(dimension_semantics=("arbitrary",) * 4, collective_id=RING_COLLECTIVE_ID)
     return pl.pallas_call(
         kernel,
@@ -204,7 +215,7 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, vma, interpret, ring=None):
     )
 
 
-def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
+def _build_bwd_dq(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
     q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
@@ -213,7 +224,7 @@ def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
                 *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
     return pl.pallas_call(
-        functools.partial(_bwd_dq_kernel, mask=mask, scale=scale),
+        functools.partial(_bwd_dq_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap),
         out_shape=jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
@@ -228,7 +239,7 @@ def _build_bwd_dq(mask, *, B, N, K, Hp, scale, vma, interpret):
     )
 
 
-def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, vma, interpret):
+def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     S = mask.num_kv_blocks * bk
     q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
@@ -238,7 +249,7 @@ def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, vma, interpret):
                 *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
     dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma)
     return pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale),
+        functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap),
         out_shape=[dkv_shape, dkv_shape],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
@@ -478,9 +489,11 @@ def _dkv_kv_ids_index(b, h, j, g, i, offsets_ref, *_):
     return b, 0, j
 
 
-def _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, *, scale):
-    """Scaled scores [bq, bk] of tile (i, j), MASK_VALUE where a query may not see a key."""
-    s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * scale
+def _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, *, scale, logit_soft_cap):
+    """`(masked, s)`: the (soft-capped) scores [bq, bk] of tile (i, j), with and without
+    MASK_VALUE where a query may not see a key."""
+    s = scores(lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32), scale=scale,
+               logit_soft_cap=logit_soft_cap)
     q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
     visible = mask.element_mask(
         q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0),
@@ -488,7 +501,7 @@ def _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, *, scal
         None if q_ids_ref is None else jnp.expand_dims(q_ids_ref[0], -1),  # [bq, 1]
         None if kv_ids_ref is None else kv_ids_ref[...],  # [1, bk]
     )
-    return s if visible is None else jnp.where(visible, s, MASK_VALUE)
+    return (s if visible is None else jnp.where(visible, s, MASK_VALUE)), s
 
 
 def _fwd_kernel(
@@ -496,7 +509,7 @@ def _fwd_kernel(
     q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
     o_ref, lse_ref,  # outputs
     m_scratch_ref, l_scratch_ref, acc_scratch_ref,
-    *, mask, scale,
+    *, mask, scale, logit_soft_cap,
 ):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     bk, Hp = mask.block_kv, acc_scratch_ref.shape[-1]
@@ -509,7 +522,8 @@ def _fwd_kernel(
 
     def _compute():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale)  # [bq, bk]
+        s, _ = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale,
+                              logit_soft_cap=logit_soft_cap)  # [bq, bk]
         m_prev, l_prev = m_scratch_ref[...], l_scratch_ref[...]  # [bq, 128], lanes equal
         m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])
         p = jnp.exp(s - _lanes(m_next, bk))
@@ -539,7 +553,7 @@ def _fwd_ring_step_kernel(
     o_ref, lse_ref,  # outputs, tiled
     k_next_ref, v_next_ref, kv_ids_next_ref,  # receive buffers (HBM), written by the previous device
     m_scratch_ref, l_scratch_ref, acc_scratch_ref, send_sem_ref, recv_sem_ref,
-    *, mask, scale, axis_name,
+    *, mask, scale, logit_soft_cap, axis_name,
 ):
     left, right = neighbours_ref[0], neighbours_ref[1]
     pairs = [(k_hbm_ref, k_next_ref), (v_hbm_ref, v_next_ref)]
@@ -566,7 +580,7 @@ def _fwd_ring_step_kernel(
 
     _fwd_kernel(
         offsets_ref, q_range_ref, kv_range_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
-        m_scratch_ref, l_scratch_ref, acc_scratch_ref, mask=mask, scale=scale,
+        m_scratch_ref, l_scratch_ref, acc_scratch_ref, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap,
     )
 
     @pl.when(functools.reduce(jnp.logical_and, [pl.program_id(d) == pl.num_programs(d) - 1 for d in grid]))
@@ -582,7 +596,7 @@ def _bwd_dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,  # inputs
     dq_ref,  # output
     dq_scratch_ref,
-    *, mask, scale,
+    *, mask, scale, logit_soft_cap,
 ):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -592,10 +606,11 @@ def _bwd_dq_kernel(
 
     def _compute():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale)  # [bq, bk]
-        p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))  # lse [bq, 1]; masked entries give 0
+        masked, s = _masked_scores(q, k, mask, i, j, offsets_ref, q_ids_ref, kv_ids_ref, scale=scale,
+                                   logit_soft_cap=logit_soft_cap)  # [bq, bk]
+        p = jnp.exp(masked - jnp.expand_dims(lse_ref[0], -1))  # lse [bq, 1]; masked entries give 0
         dp = lax.dot_general(do.astype(v.dtype), v, _NT_DIMS, preferred_element_type=jnp.float32)
-        ds = p * (dp - jnp.expand_dims(delta_ref[0], -1))
+        ds = through_soft_cap(p * (dp - jnp.expand_dims(delta_ref[0], -1)), s, logit_soft_cap=logit_soft_cap)
         dq_scratch_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN_DIMS, preferred_element_type=jnp.float32)
 
     _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)
@@ -610,7 +625,7 @@ def _bwd_dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,  # inputs
     dk_ref, dv_ref,  # outputs
     dk_scratch_ref, dv_scratch_ref,
-    *, mask, scale,
+    *, mask, scale, logit_soft_cap,
 ):
     b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
@@ -622,7 +637,8 @@ def _bwd_dkv_kernel(
     def _compute():
         # Transposed scores [bk, bq]: the per-query statistics are lane-major rows, as loaded.
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_t = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32) * scale
+        s_t = scores(lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32), scale=scale,
+                     logit_soft_cap=logit_soft_cap)
         q_first, _, kv_first, _ = mask.bounds(i, j, offsets_ref)
         visible = mask.element_mask(
             q_first + lax.broadcasted_iota(jnp.int32, s_t.shape, 1),
@@ -630,12 +646,11 @@ def _bwd_dkv_kernel(
             None if q_ids_ref is None else q_ids_ref[...],  # [1, bq]
             None if kv_ids_ref is None else jnp.expand_dims(kv_ids_ref[0], -1),  # [bk, 1]
         )
-        if visible is not None:
-            s_t = jnp.where(visible, s_t, MASK_VALUE)
-        p_t = jnp.exp(s_t - lse_ref[...])  # lse [1, bq]; masked entries give 0
+        masked_t = s_t if visible is None else jnp.where(visible, s_t, MASK_VALUE)
+        p_t = jnp.exp(masked_t - lse_ref[...])  # lse [1, bq]; masked entries give 0
         dv_scratch_ref[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN_DIMS, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do.astype(v.dtype), _NT_DIMS, preferred_element_type=jnp.float32)
-        ds_t = p_t * (dp_t - delta_ref[...])
+        ds_t = through_soft_cap(p_t * (dp_t - delta_ref[...]), s_t, logit_soft_cap=logit_soft_cap)
         dk_scratch_ref[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN_DIMS, preferred_element_type=jnp.float32)
 
     _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)

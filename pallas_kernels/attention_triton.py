@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import LN2, LOG2E, matmul_precision, offsets_operand, typed_alike
+from pallas_kernels.common import LN2, LOG2E, matmul_precision, offsets_operand, scores, through_soft_cap, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
 
 # Smallest tensor dimension Triton's dot accepts.
@@ -41,7 +41,7 @@ NUM_STAGES = 2
 
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, window=None, scale, block_q, block_kv, interpret=False,
+    causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=False,
 ):
     """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
 
@@ -63,8 +63,8 @@ def attention_fwd(
     operands, out_type = typed_alike(q_p, k_p, v_p, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     call = _fwd_call(
         B=B, N=N, K=K, head_dim=head_dim, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal,
-        window=window, scale=scale, segments=q_ids is not None, precision=matmul_precision(dtype),
-        out_type=out_type, interpret=interpret,
+        window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=q_ids is not None,
+        precision=matmul_precision(dtype), out_type=out_type, interpret=interpret,
     )
     out, lse = call(*operands)
     return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
@@ -72,7 +72,8 @@ def attention_fwd(
 
 def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
-    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv, interpret=False,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
+    interpret=False,
 ):
     """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
 
@@ -97,7 +98,7 @@ def attention_bwd(
     operands, out_type = typed_alike(q, k, v, d_out, lse, delta, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     common = dict(
         B=B, N=N, K=K, head_dim=head_dim, causal=causal, window=window, scale=scale,
-        segments=q_ids is not None, precision=matmul_precision(dtype), out_type=out_type,
+        logit_soft_cap=logit_soft_cap, segments=q_ids is not None, precision=matmul_precision(dtype), out_type=out_type,
         interpret=interpret,
     )
     # dq: one program per query tile, streaming keys; dk, dv: one program per key tile,
@@ -117,13 +118,14 @@ def _num_warps(head_dim):
 
 
 def _fwd_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
+    interpret,
 ):
     tq, G = q_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
     kernel = functools.partial(
         _fwd_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal, window=window,
-        scale=scale, precision=precision,
+        scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
     in_specs = [
         pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
@@ -154,13 +156,14 @@ def _fwd_call(
 
 
 def _dq_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
+    interpret,
 ):
     tq, G = q_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
     kernel = functools.partial(
         _dq_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal, window=window,
-        scale=scale, precision=precision,
+        scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
     q_tile = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0))
     kv_all = pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0))
@@ -184,13 +187,14 @@ def _dq_call(
 
 
 def _dkv_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, segments, precision, out_type, interpret,
+    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
+    interpret,
 ):
     tk, G = kv_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
     kernel = functools.partial(
         _dkv_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, groups=G, causal=causal, window=window,
-        scale=scale, precision=precision,
+        scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
     # The whole query sequence of the G query heads that read key/value head `h`.
     q_group = pl.BlockSpec((None, T_p, G, head_dim), lambda j, b, h: (b, 0, h, 0))
@@ -219,6 +223,12 @@ def _dot(a, b, *, contract, precision):
     """a @ b contracting a's axis contract[0] with b's axis contract[1], float32 result."""
     dims = (((contract[0],), (contract[1],)), ((), ()))
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _capped_scores(q, k, scale, logit_soft_cap, precision):
+    """[tq, tk] scores of q against k in base-2 units (the kernels' exp2), soft-capped if asked."""
+    dot = _dot(q, k, contract=(1, 1), precision=precision)
+    return scores(dot, scale=scale, logit_soft_cap=logit_soft_cap, base2=True)
 
 
 def _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, *, causal, window):
@@ -253,7 +263,7 @@ def _run_if(visible, compute, carry):
 
 def _fwd_kernel(
     q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, offsets_ref, o_ref, lse_ref,
-    *, q_tiling, kv_tiling, causal, window, scale, precision,
+    *, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, precision,
 ):
     tq, tk = q_tiling.tile, kv_tiling.tile
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
@@ -271,7 +281,7 @@ def _fwd_kernel(
             acc, m, l = carry
             k = k_ref[pl.ds(j * tk, tk), :]
             # Base-2 exponent: exp2 is what the hardware computes.
-            s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+            s = _capped_scores(q, k, scale, logit_soft_cap, precision)
             kv_pos = kv_offset + kv_start + jnp.arange(tk, dtype=jnp.int32)
             mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
             if mask is not None:
@@ -300,7 +310,7 @@ def _fwd_kernel(
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, offsets_ref, dq_ref,
-    *, q_tiling, kv_tiling, causal, window, scale, precision,
+    *, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, precision,
 ):
     tq, tk = q_tiling.tile, kv_tiling.tile
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
@@ -319,7 +329,7 @@ def _dq_kernel(
         def compute(dq):
             k = k_ref[pl.ds(j * tk, tk), :]
             v = v_ref[pl.ds(j * tk, tk), :]
-            s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+            s = _capped_scores(q, k, scale, logit_soft_cap, precision)
             p = jnp.exp2(s - lse2[:, None])
             kv_pos = kv_offset + kv_start + jnp.arange(tk, dtype=jnp.int32)
             mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
@@ -327,7 +337,7 @@ def _dq_kernel(
                 # After the exp: a row that saw nothing has lse = -inf, and inf is selected away.
                 p = jnp.where(mask, p, 0.0)
             dp = _dot(do, v, contract=(1, 1), precision=precision)
-            ds = p * (dp - delta[:, None])
+            ds = through_soft_cap(p * (dp - delta[:, None]), s, logit_soft_cap=logit_soft_cap, base2=True)
             return dq + _dot(ds.astype(k.dtype), k, contract=(1, 0), precision=precision)
 
         return _run_if(None if q_ids is None else _ids_overlap(q_ids, kv_ids), compute, dq)
@@ -339,7 +349,7 @@ def _dq_kernel(
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, offsets_ref, dk_ref, dv_ref,
-    *, q_tiling, kv_tiling, groups, causal, window, scale, precision,
+    *, q_tiling, kv_tiling, groups, causal, window, scale, logit_soft_cap, precision,
 ):
     tq, tk = q_tiling.tile, kv_tiling.tile
     q_offset, kv_offset = offsets_ref[0], offsets_ref[1]
@@ -361,7 +371,7 @@ def _dkv_kernel(
                 do = do_ref[pl.ds(i * tq, tq), g, :]
                 lse2 = lse_ref[g, pl.ds(i * tq, tq)] * LOG2E
                 delta = delta_ref[g, pl.ds(i * tq, tq)]
-                s = _dot(q, k, contract=(1, 1), precision=precision) * (scale * LOG2E)
+                s = _capped_scores(q, k, scale, logit_soft_cap, precision)
                 p = jnp.exp2(s - lse2[:, None])
                 q_pos = q_offset + q_start + jnp.arange(tq, dtype=jnp.int32)
                 mask = _mask(q_pos, kv_pos, q_real, kv_real, q_ids, kv_ids, causal=causal, window=window)
@@ -369,7 +379,7 @@ def _dkv_kernel(
                     p = jnp.where(mask, p, 0.0)
                 dv = dv + _dot(p.astype(do.dtype), do, contract=(0, 0), precision=precision)
                 dp = _dot(do, v, contract=(1, 1), precision=precision)
-                ds = p * (dp - delta[:, None])
+                ds = through_soft_cap(p * (dp - delta[:, None]), s, logit_soft_cap=logit_soft_cap, base2=True)
                 dk = dk + _dot(ds.astype(q.dtype), q, contract=(0, 0), precision=precision)
                 return dk, dv
 

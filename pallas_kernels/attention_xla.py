@@ -16,7 +16,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import match_vma
+from pallas_kernels.common import match_vma, scores, through_soft_cap
 
 
 def _q_rows(x, block_q, K):
@@ -148,16 +148,19 @@ def _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, w
 
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
-    causal=False, window=None, scale, block_q, block_kv,
+    causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
 ):
     """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
 
     A query at global position i sees the key at j when causal allows (i >= j), the segment ids
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
-    Rows that see no key give out 0 and lse -inf.
+    Rows that see no key give out 0 and lse -inf. Scores are `scale * q·k`, soft-capped to
+    `c * tanh(score / c)` (before masking) when `logit_soft_cap` is c.
     """
     K, G = k.shape[2], q.shape[2] // k.shape[2]
     masking = _masking(q, k, q_segment_ids, kv_segment_ids, q_offset, kv_offset, causal, window, block_q, block_kv)
+    # Uncapped, the scale fuses into the exponent; capped, the scores are scaled first.
+    exp_scale = scale if logit_soft_cap is None else 1.0
     q_tiles = _q_rows(q, block_q, K)  # [K, nq, B, rows, H]
     # k transposed once here, so each tile's score matmul reads it in the layout it wants.
     kT_tiles = jnp.swapaxes(_kv_blocks(k, block_kv), -1, -2)  # [K, nk, B, H, bk]
@@ -174,13 +177,15 @@ def attention_fwd(
 
                 def compute(m, l, acc):
                     s = jnp.einsum("BrH,BHk->Brk", q_i, kT_j, preferred_element_type=jnp.float32)
+                    if logit_soft_cap is not None:
+                        s = scores(s, scale=scale, logit_soft_cap=logit_soft_cap)
                     if masking.any:
                         s = jnp.where(masking.element_mask(q_info, kv_info, kv_major=False), s, -jnp.inf)
                     # scale > 0: the max of the scaled scores is the scaled max, and scaling fuses into exp.
-                    m_new = jnp.maximum(m, scale * s.max(-1))  # [B, rows]
+                    m_new = jnp.maximum(m, exp_scale * s.max(-1))  # [B, rows]
                     # A row with nothing visible yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
                     m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-                    p = jnp.exp(scale * s - m_safe[..., None])
+                    p = jnp.exp(exp_scale * s - m_safe[..., None])
                     alpha = jnp.exp(m - m_safe)
                     l = alpha * l + p.sum(-1)
                     pv = jnp.einsum("Brk,BkH->BrH", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
@@ -205,7 +210,7 @@ def attention_fwd(
 
 def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
-    q_offset=0, kv_offset=0, causal=False, window=None, scale, block_q, block_kv,
+    q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
 ):
     """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
 
@@ -237,11 +242,12 @@ def attention_bwd(
 
                 def compute(dk, dv):
                     sT = jnp.einsum("BkH,BHr->Bkr", k_j, qT_i, preferred_element_type=jnp.float32)
-                    pT = jnp.exp(scale * sT - lse_i[:, None, :])  # [B, bk, rows]
+                    sT = scores(sT, scale=scale, logit_soft_cap=logit_soft_cap)
+                    pT = jnp.exp(sT - lse_i[:, None, :])  # [B, bk, rows]
                     if masking.any:
                         pT = jnp.where(masking.element_mask(q_info, kv_info, kv_major=True), pT, 0.0)
                     dpT = jnp.einsum("BkH,BHr->Bkr", v_j, doT_i, preferred_element_type=jnp.float32)
-                    dsT = pT * (dpT - delta_i[:, None, :])
+                    dsT = through_soft_cap(pT * (dpT - delta_i[:, None, :]), sT, logit_soft_cap=logit_soft_cap)
                     f32 = dict(preferred_element_type=jnp.float32)
                     dv = dv + jnp.einsum("Bkr,BrH->BkH", pT.astype(do_i.dtype), do_i, **f32)
                     dk = dk + jnp.einsum("Bkr,BrH->BkH", dsT.astype(q_i.dtype), q_i, **f32)

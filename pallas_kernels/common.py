@@ -36,3 +36,22 @@ def offsets_operand(q_offset, kv_offset):
 def matmul_precision(dtype):
     """float32 inputs keep float32 products (GPU dots would round them to TF32); 16-bit: default."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
+
+
+def scores(dot, *, scale, logit_soft_cap, base2=False):
+    """Scores from the raw q·k products: `scale * dot`, soft-capped to `c * tanh(scale * dot / c)`
+    when `logit_soft_cap` is c (Gemma 2), and times log2(e) when `base2` (kernels that use exp2)."""
+    unit = LOG2E if base2 else 1.0
+    if logit_soft_cap is None:
+        return dot * (scale * unit)
+    return jnp.tanh(dot * (scale / logit_soft_cap)) * (logit_soft_cap * unit)
+
+
+def through_soft_cap(ds, s, *, logit_soft_cap, base2=False):
+    """`ds`, the gradient with respect to the capped scores `s` (as `scores` returns them), taken
+    through the cap: d(c tanh(x / c))/dx = 1 - tanh², read from `s` itself. `s` must be the capped
+    score before masking (a masked -inf or MASK_VALUE would give 0 * inf)."""
+    if logit_soft_cap is None:
+        return ds
+    tanh = s * (1.0 / (logit_soft_cap * (LOG2E if base2 else 1.0)))
+    return ds * (1.0 - tanh * tanh)

@@ -38,6 +38,8 @@ def attention_with_lse(
     q_offset=0,
     kv_offset=0,
     window=None,
+    logit_soft_cap=None,
+    sinks=None,
     dtype=jnp.float32,
 ):
     """Returns `(out [B, T, N, H], lse [B, N, T])` computed in `dtype` at the highest precision.
@@ -45,6 +47,9 @@ def attention_with_lse(
     A query at global position `q_offset + i` sees the key at `kv_offset + j` when
     `i + q_offset >= j + kv_offset` (causal), its segment id equals the key's (segments), and
     their distance is below `window` (sliding window). Rows that see no key give out 0, lse -inf.
+    Scores are `scale * q·k`, replaced by `c * tanh(score / c)` when `logit_soft_cap` is c.
+    `sinks` [N]: one more logit per head in every row's softmax, with no value; lse includes it
+    (a row that sees no key then has lse = its sink, and out 0).
     Pass `dtype=jnp.float64` inside `jax.enable_x64(True)` for a float64 oracle.
     """
     B, T, N, H = q.shape
@@ -59,17 +64,20 @@ def attention_with_lse(
     v = jnp.repeat(v, N // K, axis=2)
     with jax.default_matmul_precision("highest"):
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(scale, dtype)
+        if logit_soft_cap is not None:
+            scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
         visible = visible_pairs(
             T, S, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             q_offset=q_offset, kv_offset=kv_offset, window=window,
         )[:, None]  # [B, 1, T, S]
         scores = jnp.where(visible, scores, jnp.asarray(MASK_VALUE, dtype))
         any_visible = jnp.any(visible, axis=-1)  # [B, 1, T]
-        probs = jax.nn.softmax(scores, axis=-1)
+        lse = jnp.where(any_visible, jax.nn.logsumexp(scores, axis=-1), -jnp.inf)
+        if sinks is not None:
+            lse = jnp.logaddexp(lse, sinks.astype(dtype)[None, :, None])
+        probs = jnp.exp(scores - jnp.where(jnp.isneginf(lse), 0.0, lse)[..., None])
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     out = jnp.where(jnp.swapaxes(any_visible, 1, 2)[..., None], out, 0.0)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    lse = jnp.where(any_visible, lse, -jnp.inf)
     return out, lse
 
 

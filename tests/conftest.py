@@ -135,43 +135,59 @@ def assert_gradients_match(grads, expected_grads, visible, *, dtype):
 
 
 def assert_kernel_matches_oracle(out, lse, grads, expected, dtype):
-    """A kernel's float32 (out, lse) and (dq, dk, dv) against the oracle's (out, lse, grads,
-    visible): rows that see no key have lse -inf and out exactly 0; see `assert_gradients_match`."""
+    """A kernel's float32 (out, lse) and (dq, dk, dv[, dsinks]) against the oracle's (out, lse,
+    grads, visible): rows that see no key have out exactly 0 and lse -inf (with sinks: the sink);
+    see `assert_gradients_match`."""
     expected_out, expected_lse, expected_grads, visible = expected
     assert out.dtype == lse.dtype == jnp.float32
     assert out.shape == expected_out.shape and lse.shape == expected_lse.shape
-    seen = np.isfinite(expected_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), ~seen, err_msg="rows that see no key have lse -inf")
-    np.testing.assert_array_equal(np.asarray(out)[np.swapaxes(~seen, 1, 2)], 0.0, err_msg="and out 0")
-    if seen.any():
+    row_sees = np.broadcast_to(np.asarray(visible).any(-1), out.shape[:2])  # [B, T]
+    np.testing.assert_array_equal(np.asarray(out)[~row_sees], 0.0, err_msg="rows that see no key give out 0")
+    finite = np.isfinite(expected_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), ~finite, err_msg="lse is -inf where the oracle's is")
+    if finite.any():
         assert_close(out, expected_out, dtype=dtype, name="out")
-        assert_close(np.asarray(lse)[seen], expected_lse[seen], dtype=dtype, name="lse")
-    assert_gradients_match(grads, expected_grads, visible, dtype=dtype)
+        assert_close(np.asarray(lse)[finite], expected_lse[finite], dtype=dtype, name="lse")
+    assert_gradients_match(grads[:3], expected_grads[:3], visible, dtype=dtype)
+    assert len(grads) == len(expected_grads)
+    if len(grads) == 4:
+        assert grads[3].dtype == np.float32, f"dsinks: dtype {grads[3].dtype}, the contract says float32"
+        assert_close(grads[3], expected_grads[3], dtype=dtype, kind="gradient", name="dsinks")
 
 
 @functools.cache
-def _kernel_oracle(*, causal, window, scale):
+def _kernel_oracle(*, causal, window, scale, logit_soft_cap):
     @jax.jit
-    def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
+    def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, sinks):
         masking = dict(causal=causal, window=window, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
                        q_offset=q_offset, kv_offset=kv_offset)
-        fn = functools.partial(reference.attention_with_lse, scale=scale, dtype=jnp.float64, **masking)
-        (out, lse), vjp = jax.vjp(fn, q, k, v)
+
+        def fn(q, k, v, sinks):
+            return reference.attention_with_lse(
+                q, k, v, scale=scale, logit_soft_cap=logit_soft_cap, sinks=sinks, dtype=jnp.float64, **masking
+            )
+
+        (out, lse), vjp = jax.vjp(fn, q, k, v, sinks)
         visible = reference.visible_pairs(q.shape[1], k.shape[1], **masking)
         return out, lse, vjp((d_out, jnp.zeros_like(lse))), visible
 
     return run
 
 
-def kernel_oracle(q, k, v, d_out, q_ids=None, kv_ids=None, q_offset=0, kv_offset=0, *, causal, window=None, scale=0.3):
-    """float64 (out, lse), the gradients of out for cotangent d_out, and the visible pairs: the
-    `expected` of `assert_kernel_matches_oracle`."""
+def kernel_oracle(
+    q, k, v, d_out, q_ids=None, kv_ids=None, q_offset=0, kv_offset=0, *, causal, window=None, scale=0.3,
+    logit_soft_cap=None, sinks=None,
+):
+    """float64 (out, lse), the gradients of out for cotangent d_out (dq, dk, dv, and dsinks when
+    `sinks` is given), and the visible pairs: the `expected` of `assert_kernel_matches_oracle`."""
     with jax.enable_x64(True):
         q, k, v, d_out = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, d_out))
-        out, lse, grads, visible = _kernel_oracle(causal=causal, window=window, scale=scale)(
-            q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset
-        )
-        return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads], np.asarray(visible)
+        sinks = None if sinks is None else jnp.asarray(np.asarray(sinks, np.float64))
+        out, lse, grads, visible = _kernel_oracle(
+            causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap
+        )(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, sinks)
+        grads = [np.asarray(g) for g in grads if g is not None]
+        return np.asarray(out), np.asarray(lse), grads, np.asarray(visible)
 
 
 # Fast to compile: interpret mode's cost is XLA compiling the interpreter's loops, not running them.

@@ -4,7 +4,9 @@ Each backend runs through `pallas_kernels.attention_fwd` / `attention_bwd` with 
 `Kernel`: jnp ("xla"), Pallas Triton and Pallas TPU in their interpret modes, Mosaic GPU in its
 interpret mode. Capabilities decide what a backend is asked: Mosaic GPU takes 16-bit inputs only
 and computes 64-row tiles, so its cases are bfloat16/float16 ones of that shape. A new masking
-option is added to CASES once and checked on every backend.
+or score option is added to CASES once and checked on every backend. Logit soft-capping is inside
+every kernel; sinks fold into any kernel's (out, lse) (`pallas_kernels.fold_sinks`), and are
+checked here through each family's backward with the folded statistics.
 
 Every output element is written on every path: the Triton and Mosaic GPU interpreters fill fresh
 outputs with NaN (`test_interpreters_poison_fresh_outputs` proves it), so a missed write fails the
@@ -45,78 +47,93 @@ MGPU = Backend(Kernel.MGPU_INTERPRET, sixteen_bit_only=True)
 BACKENDS = (XLA, TRITON, TPU, MGPU)
 
 CASES = [
-    # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, [(q_offset, kv_offset), ...])
-    # MHA on the diagonal; then shifted so that a whole tile is hidden and rows 0..6 see no key.
-    (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, [(0, 0), (5, 12)]),
-    # GQA 8:2, head dim 80 (padded on the GPU), segments, key blocks of 8; offsets that hide whole
-    # tiles, and one where every query sees at most one key (dq, dk zero by cancellation only).
-    (1, 16, 32, 8, 2, 80, 16, 8, True, None, True, jnp.float32, [(20, 16), (40, 16), (16, 16)]),
-    # MQA 4:1, head dim 128, query blocks of 8: keys wholly in the future (nothing visible), then
-    # wholly in the past.
-    (1, 16, 32, 4, 1, 128, 8, 16, True, None, False, jnp.float32, [(0, 32), (31, 0)]),
-    # Bidirectional with segments, GQA 4:2, head dim 32, batch 2, T != S, blocks of 12 and 24.
-    (2, 24, 48, 4, 2, 32, 12, 24, False, None, True, jnp.float32, [(0, 0)]),
-    # bfloat16 inputs, float32 accumulation.
-    (1, 32, 32, 4, 2, 64, 16, 16, True, None, False, jnp.bfloat16, [(0, 0), (16, 8)]),
+    # (B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, logit_soft_cap, sinks,
+    #  [(q_offset, kv_offset), ...])
+    # MHA on the diagonal, soft-capped, with sinks; then shifted so that a whole tile is hidden and
+    # rows 0..6 see no key (with sinks: out 0, lse the sink).
+    (1, 32, 32, 4, 4, 64, 16, 16, True, None, False, jnp.float32, 2.0, True, [(0, 0), (5, 12)]),
+    # GQA 8:2, head dim 80 (padded on the GPU), segments, key blocks of 8, sinks; offsets that hide
+    # whole tiles, and one where every query sees at most one key (dq, dk zero by cancellation only).
+    (1, 16, 32, 8, 2, 80, 16, 8, True, None, True, jnp.float32, None, True, [(20, 16), (40, 16), (16, 16)]),
+    # MQA 4:1, head dim 128, query blocks of 8, soft-capped: keys wholly in the future (nothing
+    # visible), then wholly in the past.
+    (1, 16, 32, 4, 1, 128, 8, 16, True, None, False, jnp.float32, 5.0, False, [(0, 32), (31, 0)]),
+    # Bidirectional with segments, GQA 4:2, head dim 32, batch 2, T != S, blocks of 12 and 24;
+    # a tight cap (most scores saturate) and sinks.
+    (2, 24, 48, 4, 2, 32, 12, 24, False, None, True, jnp.float32, 1.5, True, [(0, 0)]),
+    # bfloat16 inputs, float32 accumulation, soft-capped, sinks.
+    (1, 32, 32, 4, 2, 64, 16, 16, True, None, False, jnp.bfloat16, 3.0, True, [(0, 0), (16, 8)]),
     # A causal sliding window: tiles skipped on both sides.
-    (1, 64, 64, 2, 1, 32, 16, 16, True, 10, False, jnp.float32, [(0, 0), (40, 0)]),
-    # A bidirectional window with segments.
-    (1, 32, 32, 2, 2, 64, 8, 8, False, 6, True, jnp.float32, [(3, 0)]),
+    (1, 64, 64, 2, 1, 32, 16, 16, True, 10, False, jnp.float32, None, False, [(0, 0), (40, 0)]),
+    # A bidirectional window with segments, soft-capped.
+    (1, 32, 32, 2, 2, 64, 8, 8, False, 6, True, jnp.float32, 2.0, False, [(3, 0)]),
 ]
 
 # Mosaic GPU: 16-bit, tiles of 64 query rows. Interpret mode is slow: few, small cases.
 MGPU_CASES = [
-    # GQA 4:1, head dim 128 (key tiles of 64), segments, causal: on the diagonal; shifted so that
-    # rows 40..99 see no key; keys wholly in the future.
-    (1, 128, 256, 4, 1, 128, 128, 128, True, None, True, jnp.bfloat16, [(0, 0), (40, 100), (0, 200)]),
+    # GQA 4:1, head dim 128 (key tiles of 64), segments, causal, soft-capped, sinks: on the
+    # diagonal; shifted so that rows 40..99 see no key; keys wholly in the future.
+    (1, 128, 256, 4, 1, 128, 128, 128, True, None, True, jnp.bfloat16, 2.0, True, [(0, 0), (40, 100), (0, 200)]),
     # MHA, head dim 64, bidirectional, batch 2, blocks of 48 (padded to 64 rows).
-    (2, 96, 96, 4, 4, 64, 48, 48, False, None, False, jnp.bfloat16, [(5, 0)]),
-    # float16, head dim 80 (padded to 128), GQA 2:1, a causal sliding window.
-    (1, 64, 128, 2, 1, 80, 64, 64, True, 24, False, jnp.float16, [(64, 0)]),
+    (2, 96, 96, 4, 4, 64, 48, 48, False, None, False, jnp.bfloat16, None, False, [(5, 0)]),
+    # float16, head dim 80 (padded to 128), GQA 2:1, a causal sliding window, sinks.
+    (1, 64, 128, 2, 1, 80, 64, 64, True, 24, False, jnp.float16, None, True, [(64, 0)]),
 ]
 
 
 def backend_cases():
     for backend in BACKENDS:
         for case in MGPU_CASES if backend.sixteen_bit_only else CASES:
-            B, T, S, _, _, H, *_, dtype, _ = case
-            yield pytest.param(backend, *case, id=f"{backend}-{B}x{T}x{S}-{H}-{dtype.__name__}")
+            B, T, S, _, _, H, *_, dtype, cap, sinks, _ = case
+            extras = "".join(["-cap" if cap else "", "-sinks" if sinks else ""])
+            yield pytest.param(backend, *case, id=f"{backend}-{B}x{T}x{S}-{H}-{dtype.__name__}{extras}")
 
 
 @functools.cache
-def kernels(kernel, *, causal, window, block_q, block_kv, given_delta):
-    """Jitted forward + backward of one kernel; offsets and segment ids are traced arguments, so one
-    compiled kernel serves every offset. `given_delta`: the backward gets `delta` and no `out`."""
-    kw = dict(impl=kernel, causal=causal, window=window, scale=SCALE, block_q=block_q, block_kv=block_kv)
+def kernels(kernel, *, causal, window, block_q, block_kv, given_delta, logit_soft_cap=None):
+    """Jitted forward + backward of one kernel; offsets, segment ids and sinks are traced arguments,
+    so one compiled kernel serves every offset. `given_delta`: the backward gets `delta` and no
+    `out`. With `sinks` they are folded into the forward's (out, lse), which the backward is given,
+    and their gradient is a fourth."""
+    kw = dict(impl=kernel, causal=causal, window=window, scale=SCALE, logit_soft_cap=logit_soft_cap,
+              block_q=block_q, block_kv=block_kv)
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
+    def run(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, sinks=None):
         masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)
         out, lse = pallas_kernels.attention_fwd(q, k, v, **masking, **kw)
+        if sinks is not None:
+            out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
+        delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out)
         if given_delta:
-            delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out)
             grads = pallas_kernels.attention_bwd(q, k, v, None, lse, d_out, delta=delta, **masking, **kw)
         else:
             grads = pallas_kernels.attention_bwd(q, k, v, out, lse, d_out, **masking, **kw)
+        if sinks is not None:
+            grads = (*grads, pallas_kernels.sinks_grad(lse, delta, sinks))
         return out, lse, grads
 
     return run
 
 
 @pytest.mark.parametrize(
-    "backend,B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,offsets", list(backend_cases())
+    "backend,B,T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,logit_soft_cap,sinks,offsets",
+    list(backend_cases()),
 )
 def test_forward_and_backward_match_oracle(
-    backend, B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, offsets
+    backend, B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, logit_soft_cap, sinks, offsets
 ):
     q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)
     q_ids = random_segments(T, B, T, 3) if segments else None
     kv_ids = random_segments(S + 1, B, S, 3) if segments else None
+    # Sinks around the scores' own size, so that they take a real share of each row.
+    sinks = jnp.asarray(np.random.default_rng(N * H).normal(1.0, 1.5, N), jnp.float32) if sinks else None
     run = kernels(backend.kernel, causal=causal, window=window, block_q=block_q, block_kv=block_kv,
-                  given_delta=dtype != jnp.float32)
+                  given_delta=dtype != jnp.float32, logit_soft_cap=logit_soft_cap)
     for q_offset, kv_offset in offsets:
-        out, lse, grads = run(q, k, v, d_out, q_ids, kv_ids, jnp.int32(q_offset), jnp.int32(kv_offset))
-        expected = kernel_oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, causal=causal, window=window)
+        out, lse, grads = run(q, k, v, d_out, q_ids, kv_ids, jnp.int32(q_offset), jnp.int32(kv_offset), sinks)
+        expected = kernel_oracle(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset, causal=causal, window=window,
+                                 logit_soft_cap=logit_soft_cap, sinks=sinks)
         assert_kernel_matches_oracle(out, lse, grads, expected, dtype)
 
 
