@@ -12,6 +12,8 @@ from ring_attn.checks import (
     check_qkv,
     check_window,
     checked_scale,
+    checked_sinks,
+    checked_soft_cap,
     ring_position,
     split_segment_ids,
 )
@@ -28,6 +30,8 @@ def ring_attention(
     window: int | None = None,
     segment_ids=None,
     scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    sinks=None,
     layout: str = "contiguous",
     block_sizes: BlockSizes | None = None,
     impl: Impl = "auto",
@@ -46,6 +50,11 @@ def ring_attention(
       segment_ids: int [B, T] for self-attention (T == S), or a pair (q_ids [B, T], kv_ids [B, S]);
         a query sees only keys with its id. A row that sees no key returns 0, with zero gradient.
       scale: score scale; None: 1 / sqrt(H).
+      logit_soft_cap: c > 0 caps every score s = scale * q·k to c * tanh(s / c) before masking
+        (Gemma 2); None: no cap.
+      sinks: float [N], one logit per query head that joins every row's softmax denominator and
+        carries no value (gpt-oss); replicated over the ring, and its gradient, summed over the
+        ring, is returned. None: no sinks.
       layout: how the global sequence lies on the ring, "contiguous" or "zigzag"
         (see `ring_attn.zigzag`); zigzag balances causal work across devices.
       block_sizes: kernel tiles; None picks divisors of the local lengths.
@@ -99,9 +108,11 @@ def ring_attention(
         if ring_size > 1 and T != S:
             raise ValueError(f"a sliding window over a ring needs equal local lengths, got {T=} and {S=}")
     check_block_sizes(block_sizes)
+    sinks = checked_sinks(sinks, N, q)
     tiled_T, tiled_S = (T // 2, S // 2) if layout == "zigzag" else (T, S)
     spec = RingSpec(
-        axis_name=axis_name, causal=bool(causal), window=window, scale=checked_scale(scale, H), layout=layout,
-        impl=impl, block_sizes=pallas_kernels.fit_block_sizes(block_sizes, tiled_T, tiled_S),
+        axis_name=axis_name, causal=bool(causal), window=window, scale=checked_scale(scale, H),
+        logit_soft_cap=checked_soft_cap(logit_soft_cap), layout=layout, impl=impl,
+        block_sizes=pallas_kernels.fit_block_sizes(block_sizes, tiled_T, tiled_S),
     )
-    return ring_attention_shard(q, k, v, q_seg, kv_seg, spec)
+    return ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, spec)

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import BlockSizes
+from pallas_kernels import BlockSizes, match_vma
 from ring_attn.layout import LAYOUTS
 
 
@@ -41,6 +41,32 @@ def checked_scale(scale, H):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python number or None, got {scale!r}")
     return float(scale)
+
+
+def checked_soft_cap(logit_soft_cap):
+    """The logit soft-cap as a float: None, or a finite positive Python number."""
+    if logit_soft_cap is None:
+        return None
+    if (
+        isinstance(logit_soft_cap, bool) or not isinstance(logit_soft_cap, (int, float))
+        or not math.isfinite(logit_soft_cap) or logit_soft_cap <= 0
+    ):
+        raise ValueError(f"logit_soft_cap must be a positive finite Python number or None, got {logit_soft_cap!r}")
+    return float(logit_soft_cap)
+
+
+def checked_sinks(sinks, N, like):
+    """None, or the sinks as a floating array [N] made device-varying as `like` is (so that the
+    transpose of that sums each device's share of their gradient)."""
+    if sinks is None:
+        return None
+    if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
+        raise ValueError(f"sinks must be a floating array [N] = ({N},) or None, got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (N,):
+        raise ValueError(f"sinks must have shape [N] = ({N},), one logit per query head, got {tuple(sinks.shape)}")
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks must have a floating dtype, got {sinks.dtype}")
+    return match_vma(sinks, like)
 
 
 def check_window(window):

@@ -38,6 +38,8 @@ from ring_attn.checks import (
     check_qkv,
     check_window,
     checked_scale,
+    checked_sinks,
+    checked_soft_cap,
     ring_position,
     split_segment_ids,
 )
@@ -57,6 +59,8 @@ def context_attention(
     window: int | None = None,
     segment_ids=None,
     scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    sinks=None,
     layout: str = "zigzag",
     block_sizes: BlockSizes | None = None,
     impl: Impl = "auto",
@@ -86,7 +90,9 @@ def context_attention(
         raise ValueError(f"causal attention over sharded devices needs equal local lengths, got {T=} and {S=}")
     if strategy == "auto":
         strategy = _auto(axes, q, k, hardware, causal=causal, layout=layout)
-    options = dict(causal=causal, window=window, scale=scale, block_sizes=block_sizes, impl=impl)
+    sinks = checked_sinks(sinks, N, q)
+    options = dict(causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, sinks=sinks,
+                   block_sizes=block_sizes, impl=impl)
     match strategy:
         case "ring":
             return ring_attention(q, k, v, axis_name=axes[0], segment_ids=segment_ids, layout=layout, **options)
@@ -138,57 +144,65 @@ class _LocalSpec:
     causal: bool
     window: int | None
     scale: float
+    logit_soft_cap: float | None
     impl: Kernel
     block_sizes: BlockSizes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attend(q, k, v, q_seg, kv_seg, offsets, spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(q, k, v, q_seg, kv_seg, sinks, offsets, spec):
     """One kernel call: q [B, T, N, H] at global position offsets[0] over k, v [B, S, K, H] at
-    offsets[1] (int32 [2], traced)."""
-    return _attend_fwd(q, k, v, q_seg, kv_seg, offsets, spec)[0]
+    offsets[1] (int32 [2], traced), with the sinks (or None) folded in."""
+    return _attend_fwd(q, k, v, q_seg, kv_seg, sinks, offsets, spec)[0]
 
 
 def _kernel_args(q_seg, kv_seg, offsets, spec):
     return dict(
-        impl=spec.impl, scale=spec.scale, causal=spec.causal, window=spec.window, q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg, q_offset=offsets[0], kv_offset=offsets[1],
+        impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap, causal=spec.causal,
+        window=spec.window, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=offsets[0], kv_offset=offsets[1],
     )
 
 
-def _attend_fwd(q, k, v, q_seg, kv_seg, offsets, spec):
+def _attend_fwd(q, k, v, q_seg, kv_seg, sinks, offsets, spec):
     blocks = spec.block_sizes
     out, lse = pallas_kernels.attention_fwd(
         q, k, v, block_q=blocks.block_q, block_kv=blocks.block_kv, **_kernel_args(q_seg, kv_seg, offsets, spec)
     )
+    if sinks is not None:
+        out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
-    return out, (q, k, v, q_seg, kv_seg, offsets, out, lse)
+    return out, (q, k, v, q_seg, kv_seg, sinks, offsets, out, lse)
 
 
 def _attend_bwd(spec, residuals, d_out):
-    q, k, v, q_seg, kv_seg, offsets, out, lse = residuals
+    q, k, v, q_seg, kv_seg, sinks, offsets, out, lse = residuals
     blocks = spec.block_sizes
+    delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dq, dk, dv = pallas_kernels.attention_bwd(
-        q, k, v, out, lse, d_out, block_q=blocks.block_q_dkv, block_kv=blocks.block_kv_dkv,
+        q, k, v, None, lse, d_out, delta=delta, block_q=blocks.block_q_dkv, block_kv=blocks.block_kv_dkv,
         **_kernel_args(q_seg, kv_seg, offsets, spec),
     )
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _local_spec(T, S, *, causal, window, scale, block_sizes, impl, H):
+def _local_spec(T, S, *, causal, window, scale, logit_soft_cap, block_sizes, impl, H):
     check_window(window)
     check_block_sizes(block_sizes)
     kernel = pallas_kernels.resolve_impl(impl)
     return _LocalSpec(
-        causal=bool(causal), window=window, scale=checked_scale(scale, H), impl=kernel,
+        causal=bool(causal), window=window, scale=checked_scale(scale, H),
+        logit_soft_cap=checked_soft_cap(logit_soft_cap), impl=kernel,
         block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
     )
 
 
-def _all_gather(q, k, v, q_seg, kv_seg, *, axis_name, layout, causal, window, scale, block_sizes, impl):
+def _all_gather(
+    q, k, v, q_seg, kv_seg, *, axis_name, layout, causal, window, scale, logit_soft_cap, sinks, block_sizes, impl
+):
     B, T, N, H = q.shape
     R, rank = ring_position(axis_name, "context_attention")
 
@@ -200,27 +214,34 @@ def _all_gather(q, k, v, q_seg, kv_seg, *, axis_name, layout, causal, window, sc
 
     k_all, v_all, kv_seg_all = gather(k), gather(v), gather(kv_seg)
     S_all = k_all.shape[1]
+    local = functools.partial(
+        _local_spec, causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap,
+        block_sizes=block_sizes, impl=impl, H=H,
+    )
     if layout == "contiguous":
-        spec = _local_spec(T, S_all, causal=causal, window=window, scale=scale, block_sizes=block_sizes, impl=impl, H=H)
-        return _attend(q, k_all, v_all, q_seg, kv_seg_all, offsets_operand(rank * T, 0), spec)
+        return _attend(q, k_all, v_all, q_seg, kv_seg_all, sinks, offsets_operand(rank * T, 0), local(T, S_all))
     if T % 2:
         raise ValueError(f"layout='zigzag' holds two chunks per device, so the local lengths must be even, got {T=}")
     # Zigzag: this device's queries are chunks rank and 2R-1-rank of 2R, each at its own position.
     half = T // 2
-    spec = _local_spec(half, S_all, causal=causal, window=window, scale=scale, block_sizes=block_sizes, impl=impl, H=H)
+    spec = local(half, S_all)
     parts = []
     for chunk, rows in ((rank, slice(0, half)), (2 * R - 1 - rank, slice(half, T))):
         ids = None if q_seg is None else q_seg[:, rows]
-        parts.append(_attend(q[:, rows], k_all, v_all, ids, kv_seg_all, offsets_operand(chunk * half, 0), spec))
+        offsets = offsets_operand(chunk * half, 0)
+        parts.append(_attend(q[:, rows], k_all, v_all, ids, kv_seg_all, sinks, offsets, spec))
     return jnp.concatenate(parts, axis=1)
 
 
-def _ulysses(q, k, v, q_seg, kv_seg, *, ring_axis, ulysses_axis, layout, causal, window, scale, block_sizes, impl):
+def _ulysses(
+    q, k, v, q_seg, kv_seg, *, ring_axis, ulysses_axis, layout, causal, window, scale, logit_soft_cap, sinks,
+    block_sizes, impl,
+):
     """All-to-all over `ulysses_axis` (sequence shards -> head shards), attention over the rest of
     the sequence (whole, or round a ring over `ring_axis`), and the all-to-all back."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    U, _ = ring_position(ulysses_axis, "context_attention")
+    U, u = ring_position(ulysses_axis, "context_attention")
     if N % U:
         raise ValueError(f"Ulysses splits q's N={N} heads over the {U} devices of axis {ulysses_axis!r}: N must divide")
     if K % U and U % K:
@@ -242,9 +263,11 @@ def _ulysses(q, k, v, q_seg, kv_seg, *, ring_axis, ulysses_axis, layout, causal,
     q_ids, kv_ids = (None if ids is None else order.arrange(ids_whole(ids)) for ids in (q_seg, kv_seg))
     segment_ids = None if q_ids is None else (q_ids, kv_ids)
     inner_layout = layout if ring_axis is not None else "contiguous"
+    heads = N // U  # this device's query heads after the all-to-all: u * heads onwards
+    local_sinks = None if sinks is None else lax.dynamic_slice_in_dim(sinks, u * heads, heads)
     out = ring_attention(
         q_h, k_h, v_h, axis_name=ring_axis, causal=causal, window=window, segment_ids=segment_ids, scale=scale,
-        layout=inner_layout, block_sizes=block_sizes, impl=impl,
+        logit_soft_cap=logit_soft_cap, sinks=local_sinks, layout=inner_layout, block_sizes=block_sizes, impl=impl,
     )
     return lax.all_to_all(order.restore(out), ulysses_axis, split_axis=1, concat_axis=2, tiled=True)
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ring_attn.checks import check_layout, checked_scale, ring_position
+from pallas_kernels.common import scores
+from ring_attn.checks import check_layout, checked_scale, checked_sinks, checked_soft_cap, ring_position
 
 # Finite, so a row whose keys are all masked stays finite (it is then set to 0 explicitly).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -83,7 +84,10 @@ def _per_row(name, value, B, low=None, high=None):
     return jnp.broadcast_to(value.astype(jnp.int32), (B,))
 
 
-def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, layout="contiguous", scale=None):
+def ring_decode(
+    q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, layout="contiguous", scale=None,
+    logit_soft_cap=None, sinks=None,
+):
     """Attention of n new query tokens over a KV cache sharded round the ring.
 
     Call inside `jax.shard_map`; the result is the same on every device (out_specs `P()` is fine).
@@ -98,6 +102,7 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
         position kv_length - n + j and sees the cache positions up to its own (causal).
       layout: "contiguous" or "zigzag", the layout the cache was prefilled in.
       scale: score scale; None: 1 / sqrt(H).
+      logit_soft_cap, sinks: as for `ring_attn.ring_attention` (sinks [N], replicated).
 
     Returns:
       [B, n, N, H] in q's dtype, accumulated in float32. A query that sees no key returns 0.
@@ -113,6 +118,8 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
         raise ValueError(f"k_cache has {K=} heads, which must divide q's {N=}")
     _check_layout(layout, C)
     scale = checked_scale(scale, H)
+    logit_soft_cap = checked_soft_cap(logit_soft_cap)
+    sinks = checked_sinks(sinks, N, q)
     ring_size, index = ring_position(axis_name, "ring_decode")
     kv_length = _per_row("kv_length", kv_length, B, 0, ring_size * C)
 
@@ -125,7 +132,7 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
     precision = lax.Precision.HIGHEST if jnp.dtype(q.dtype).itemsize >= 4 else None
     qg = q.reshape(B, n, K, N // K, H)  # query head h reads key/value head h // (N // K)
     s = jnp.einsum("BnKGH,BCKH->BKGnC", qg, k_cache, precision=precision, preferred_element_type=jnp.float32)
-    s = jnp.where(visible, s * scale, MASK_VALUE)
+    s = jnp.where(visible, scores(s, scale=scale, logit_soft_cap=logit_soft_cap), MASK_VALUE)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -147,6 +154,10 @@ def ring_decode(q, k_cache, v_cache, *, axis_name: Hashable | None, kv_length, l
         partials = partial[None]
     outs, lses = partials[..., :H], partials[..., H:]
     # Exact logsumexp merge; if no device saw a key, every weight is exp(-inf) = 0 and out is 0.
+    if sinks is not None:  # one more partial per head: lse the sink, no value
+        sink_lse = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, N // K, 1, 1), lses.shape[1:])
+        outs = jnp.concatenate([outs, jnp.zeros_like(outs[:1])])
+        lses = jnp.concatenate([lses, sink_lse[None]])
     top = jnp.max(lses, axis=0)
     weights = jnp.exp(lses - jnp.where(jnp.isneginf(top), 0.0, top))
     total = jnp.sum(weights, axis=0)

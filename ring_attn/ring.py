@@ -38,6 +38,7 @@ class RingSpec:
     causal: bool
     window: int | None
     scale: float
+    logit_soft_cap: float | None
     layout: str
     impl: pallas_kernels.Kernel
     block_sizes: pallas_kernels.BlockSizes
@@ -167,7 +168,7 @@ class _Plan:
 def _forward(q, k, v, q_seg, kv_seg, spec):
     plan = _Plan(spec, q.shape[1], k.shape[1])
     shard_fwd = functools.partial(
-        pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale,
+        pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap,
         block_q=spec.block_sizes.block_q, block_kv=spec.block_sizes.block_kv,
     )
 
@@ -195,12 +196,16 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
 
 
 def backward(spec, residuals, d_out):
-    """The ring's backward from `_ring_attention_fwd`'s residuals: (dq, dk, dv, None, None)."""
-    q, k, v, q_seg, kv_seg, out, lse = residuals
+    """The ring's backward from `_ring_attention_fwd`'s residuals: (dq, dk, dv, None, None, dsinks).
+
+    `lse` and `out` are final, sinks folded in, which is all the kernels need to be exact with
+    sinks. This device's rows give their share of the sinks' gradient; `ring_attention_shard`'s
+    caller made sinks device-varying, so JAX's transpose of that sums the shares over the ring."""
+    q, k, v, q_seg, kv_seg, sinks, out, lse = residuals
     plan = _Plan(spec, q.shape[1], k.shape[1])
     delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     shard_bwd = functools.partial(
-        pallas_kernels.attention_bwd, impl=spec.impl, scale=spec.scale,
+        pallas_kernels.attention_bwd, impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap,
         block_q=spec.block_sizes.block_q_dkv, block_kv=spec.block_sizes.block_kv_dkv,
     )
 
@@ -233,19 +238,23 @@ def backward(spec, residuals, d_out):
     if plan.num_steps > 1:  # home to the owner, num_steps - 1 hops back
         dkv = shift(dkv, spec.axis_name, plan.ring_size, hops=1 - plan.num_steps)
     dk, dv = dkv
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def ring_attention_shard(q, k, v, q_seg, kv_seg, spec):
-    """Ring attention on validated local shards; see `ring_attn.ring_attention`."""
-    return _ring_attention_fwd(q, k, v, q_seg, kv_seg, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, spec):
+    """Ring attention on validated local shards; see `ring_attn.ring_attention`. `sinks` (or
+    None) must vary over every mesh axis q varies over (`pallas_kernels.match_vma`)."""
+    return _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, spec)[0]
 
 
-def _ring_attention_fwd(q, k, v, q_seg, kv_seg, spec):
+def _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, spec):
     out, lse = _forward(q, k, v, q_seg, kv_seg, spec)
+    if sinks is not None:
+        out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+    return out, (q, k, v, q_seg, kv_seg, sinks, out, lse)
 
 
 ring_attention_shard.defvjp(_ring_attention_fwd, backward)

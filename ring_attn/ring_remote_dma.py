@@ -41,6 +41,8 @@ from ring_attn.checks import (
     check_layout,
     check_qkv,
     checked_scale,
+    checked_sinks,
+    checked_soft_cap,
     ring_position,
     split_segment_ids,
 )
@@ -58,6 +60,8 @@ def ring_attention_remote_dma(
     block_sizes: BlockSizes | None = None,
     layout: str = "contiguous",
     window: int | None = None,
+    logit_soft_cap: float | None = None,
+    sinks=None,
     interpret: pltpu.InterpretParams | bool | None = None,
 ):
     """`ring_attn.ring_attention` with the Pallas TPU kernels, the k/v transfer of each ring step
@@ -67,7 +71,7 @@ def ring_attention_remote_dma(
       q: [B, T, N, H], the local query shard.
       k, v: [B, S, K, H], the local key/value shard; K must divide N.
       axis_name: the mesh axis the sequence is sharded over (contiguously); None: one device.
-      causal, segment_ids, scale, block_sizes: as for `ring_attn.ring_attention`.
+      causal, segment_ids, scale, block_sizes, logit_soft_cap, sinks: as for `ring_attn.ring_attention`.
       layout: only "contiguous"; "zigzag" raises NotImplementedError.
       window: only None; a sliding window raises NotImplementedError.
       interpret: None compiles for TPU when the default backend is a TPU and runs the kernels in
@@ -98,16 +102,18 @@ def ring_attention_remote_dma(
     if causal and T != S and ring_size > 1:
         raise ValueError(f"causal ring attention needs equal local query and key lengths, got {T=} and {S=}")
     check_block_sizes(block_sizes)
+    sinks = checked_sinks(sinks, N, q)
     interpret = _resolve_interpret(interpret)
     spec = _Spec(
         ring.RingSpec(
             axis_name=axis_name, causal=bool(causal), window=None, scale=checked_scale(scale, H),
-            layout="contiguous", impl=Kernel.TPU if interpret is None else Kernel.TPU_INTERPRET,
+            logit_soft_cap=checked_soft_cap(logit_soft_cap), layout="contiguous",
+            impl=Kernel.TPU if interpret is None else Kernel.TPU_INTERPRET,
             block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
         ),
         interpret,
     )
-    return _remote_dma_ring(q, k, v, q_seg, kv_seg, spec)
+    return _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, spec)
 
 
 def _resolve_interpret(interpret):
@@ -141,7 +147,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
     B, T, N, H = q.shape
     S = k.shape[1]
     masking = dict(
-        q_segment_ids=q_seg, q_offset=rank * T, causal=rs.causal, scale=rs.scale,
+        q_segment_ids=q_seg, q_offset=rank * T, causal=rs.causal, scale=rs.scale, logit_soft_cap=rs.logit_soft_cap,
         block_q=rs.block_sizes.block_q, block_kv=rs.block_sizes.block_kv, interpret=spec.interpret,
     )
 
@@ -170,15 +176,17 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
     return ring.merge(out, lse, out_s, lse_s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _remote_dma_ring(q, k, v, q_seg, kv_seg, spec):
-    return _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, spec):
+    return _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, spec)[0]
 
 
-def _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, spec):
+def _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, spec):
     out, lse = _forward(q, k, v, q_seg, kv_seg, spec)
+    if sinks is not None:
+        out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+    return out, (q, k, v, q_seg, kv_seg, sinks, out, lse)
 
 
 def _remote_dma_ring_bwd(spec, residuals, d_out):

@@ -10,7 +10,9 @@ from ring_attn.attention import ring_attention
 from ring_attn.layout import unzigzag_shard, zigzag_shard
 
 
-def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout="contiguous", check_vma=True, **kwargs):
+def ring_attention_global(
+    q, k, v, *, mesh, axis_name, segment_ids=None, sinks=None, layout="contiguous", check_vma=True, **kwargs
+):
     """`ring_attention` on global arrays in natural order: q [B, L, N, H], k/v [B, Lk, K, H].
 
     Builds the `shard_map` over `mesh` that shards the sequence axis over `axis_name` (other mesh
@@ -18,7 +20,8 @@ def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout=
     output back, inside the `shard_map` by moving half shards between devices. Any length works:
     one that the ring size (2x for zigzag) does not divide is padded at the end, the padding masked
     (it lies after every real query when causal; otherwise it gets a segment id of its own), and
-    the output sliced back. Other keyword arguments go to `ring_attention`.
+    the output sliced back. `sinks` [N] are replicated over the mesh. Other keyword arguments go to
+    `ring_attention`.
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(f"{axis_name=} is not an axis of the mesh, whose axes are {mesh.axis_names}")
@@ -30,20 +33,20 @@ def ring_attention_global(q, k, v, *, mesh, axis_name, segment_ids=None, layout=
         q, k, v, segment_ids = _pad_to_multiple(q, k, v, segment_ids, multiple, causal=kwargs.get("causal", False))
     attend = functools.partial(ring_attention, axis_name=axis_name, layout=layout, **kwargs)
 
-    def local(q, k, v, ids):
+    def local(q, k, v, ids, sinks):
         if layout != "zigzag":
-            return attend(q, k, v, segment_ids=ids)
+            return attend(q, k, v, segment_ids=ids, sinks=sinks)
         q, k, v, ids = jax.tree.map(lambda x: zigzag_shard(x, axis_name), (q, k, v, ids))
-        return unzigzag_shard(attend(q, k, v, segment_ids=ids), axis_name)
+        return unzigzag_shard(attend(q, k, v, segment_ids=ids, sinks=sinks), axis_name)
 
     seq = P(None, axis_name)
     out = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(seq, seq, seq, jax.tree.map(lambda _: seq, segment_ids)),
+        in_specs=(seq, seq, seq, jax.tree.map(lambda _: seq, segment_ids), jax.tree.map(lambda _: P(), sinks)),
         out_specs=seq,
         check_vma=check_vma,
-    )(q, k, v, segment_ids)
+    )(q, k, v, segment_ids, sinks)
     return out[:, :L] if padded else out
 
 

@@ -74,13 +74,16 @@ def random_segments(seed, B, L, max_segments=4):
     return jnp.asarray(ids, jnp.int32)
 
 
-def oracle(q, k, v, d_out, **kwargs):
-    """float64 reference output and gradients w.r.t. q, k, v for cotangent d_out."""
+def oracle(q, k, v, d_out, sinks=None, **kwargs):
+    """float64 reference output and gradients w.r.t. q, k, v (and sinks, when given) for cotangent d_out."""
     with jax.enable_x64(True):
         q64, k64, v64, do64 = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, d_out))
-        out, grads = output_and_grads(
-            lambda q, k, v: reference.attention(q, k, v, dtype=jnp.float64, **kwargs), q64, k64, v64, do64
-        )
+        if sinks is None:
+            fn = lambda q, k, v: reference.attention(q, k, v, dtype=jnp.float64, **kwargs)  # noqa: E731
+            out, grads = output_and_grads(fn, q64, k64, v64, do64)
+        else:
+            fn = lambda q, k, v, s: reference.attention(q, k, v, sinks=s, dtype=jnp.float64, **kwargs)  # noqa: E731
+            out, grads = output_and_grads(fn, q64, k64, v64, do64, sinks=jnp.asarray(np.asarray(sinks, np.float64)))
         return np.asarray(out), tuple(np.asarray(g) for g in grads)
 
 
@@ -92,23 +95,26 @@ def oracle_with_lse(q, k, v, **kwargs):
         return np.asarray(out), np.asarray(lse)
 
 
-def output_and_grads(fn, q, k, v, d_out, compiler_options=None):
-    """fn(q, k, v) and its gradients for cotangent d_out, in one jitted call."""
+def output_and_grads(fn, q, k, v, d_out, compiler_options=None, sinks=None):
+    """fn(q, k, v[, sinks]) and its gradients for cotangent d_out, in one jitted call."""
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
-    def run(q, k, v, d_out):
-        out, vjp = jax.vjp(fn, q, k, v)
+    def run(q, k, v, d_out, sinks):
+        args = (q, k, v) if sinks is None else (q, k, v, sinks)
+        out, vjp = jax.vjp(fn, *args)
         return out, vjp(d_out)
 
-    return run(q, k, v, d_out)
+    return run(q, k, v, d_out, sinks)
 
 
-def assert_matches_oracle(fn, q, k, v, d_out, compiler_options=None, **oracle_kwargs):
-    """fn(q, k, v) and its gradients against the float64 oracle given `oracle_kwargs`."""
-    out, grads = output_and_grads(fn, q, k, v, d_out, compiler_options)
-    expected, expected_grads = oracle(q, k, v, d_out, **oracle_kwargs)
+def assert_matches_oracle(fn, q, k, v, d_out, compiler_options=None, sinks=None, **oracle_kwargs):
+    """fn(q, k, v) and its gradients against the float64 oracle given `oracle_kwargs`; with
+    `sinks`, fn(q, k, v, sinks) and the sinks' gradient too."""
+    out, grads = output_and_grads(fn, q, k, v, d_out, compiler_options, sinks=sinks)
+    expected, expected_grads = oracle(q, k, v, d_out, sinks=sinks, **oracle_kwargs)
     assert_close(out, expected, name="out")
-    for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+    assert len(grads) == len(expected_grads)
+    for name, g, e in zip(("dq", "dk", "dv", "dsinks"), grads, expected_grads):
         assert_close(g, e, kind="gradient", name=name)
     return out, grads
 

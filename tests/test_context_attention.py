@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, oracle, output_and_grads, random_qkv, random_segments
+from conftest import assert_close, assert_matches_oracle, oracle, output_and_grads, random_qkv, random_segments
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -31,15 +31,17 @@ def sharded(strategy, mesh_shape, layout, **options):
             return x
         return (ring_attn.unzigzag if inverse else ring_attn.zigzag)(x, D)
 
-    def fn(q, k, v, ids=None):
-        def local(q, k, v, ids):
+    def fn(q, k, v, ids=None, sinks=None):
+        def local(q, k, v, ids, sinks):
             return ring_attn.context_attention(
-                q, k, v, axis_name=axis_name, strategy=strategy, layout=layout, segment_ids=ids, **options
+                q, k, v, axis_name=axis_name, strategy=strategy, layout=layout, segment_ids=ids, sinks=sinks,
+                **options,
             )
 
         ids_specs = jax.tree.map(lambda _: seq, ids)  # ids [B, L] or a pair (q_ids, kv_ids)
-        out = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, ids_specs), out_specs=seq)(
-            reorder(q), reorder(k), reorder(v), jax.tree.map(reorder, ids)
+        sinks_spec = jax.tree.map(lambda _: P(), sinks)  # replicated
+        out = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, ids_specs, sinks_spec), out_specs=seq)(
+            reorder(q), reorder(k), reorder(v), jax.tree.map(reorder, ids), sinks
         )
         return reorder(out, inverse=True)
 
@@ -72,6 +74,22 @@ def test_bidirectional_mha_matches_oracle(strategy, mesh_shape):
     assert_close(out, expected, name="out")
     for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert_close(g, e, kind="gradient", name=name)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape", SETUPS)
+def test_soft_cap_and_sinks_match_oracle(strategy, mesh_shape):
+    # Ulysses gives each device the sinks of its own heads; the sinks' gradient, every device's
+    # share summed, against the oracle's.
+    L, N, K, H = 64, 8, 2, 32
+    q, k, v, d_out = random_qkv(9, 1, L, N, K, H)
+    q, k = 2.0 * q, 2.0 * k  # scores well past the cap
+    sinks = jnp.asarray(np.random.default_rng(10).normal(0.5, 1.0, N), jnp.float32)
+    ids = random_segments(11, 1, L, 3)
+    fn = sharded(strategy, mesh_shape, "zigzag", causal=True, logit_soft_cap=4.0)
+    assert_matches_oracle(
+        lambda q, k, v, sinks: fn(q, k, v, ids, sinks), q, k, v, d_out, sinks=sinks, causal=True, logit_soft_cap=4.0,
+        q_segment_ids=ids, kv_segment_ids=ids,
+    )
 
 
 @pytest.mark.parametrize(

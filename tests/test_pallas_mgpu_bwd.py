@@ -124,18 +124,19 @@ def test_head_dim_above_128_is_refused():
 
 
 @pytest.mark.parametrize(
-    "T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype",
+    "T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,logit_soft_cap",
     [
-        (256, 256, 8, 2, 128, 128, 128, True, None, True, jnp.bfloat16),
-        (192, 96, 4, 4, 80, 96, 48, False, 40, False, jnp.float16),
-        (128, 128, 4, 1, 64, 128, 128, True, None, True, jnp.bfloat16),
+        (256, 256, 8, 2, 128, 128, 128, True, None, True, jnp.bfloat16, None),
+        (192, 96, 4, 4, 80, 96, 48, False, 40, False, jnp.float16, 30.0),
+        (128, 128, 4, 1, 64, 128, 128, True, None, True, jnp.bfloat16, None),
     ],
 )
-def test_kernel_lowers_for_cuda(T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype):
+def test_kernel_lowers_for_cuda(T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, logit_soft_cap):
     # Exporting for CUDA runs the Pallas -> Mosaic GPU lowering (register layouts, wgmma and TMA
     # shapes, barriers) without a GPU; inside shard_map with the vma check on, as a ring runs it.
     mesh = abstract_mesh((2,), ("sp",), "cuda")
-    kw = dict(causal=causal, window=window, scale=0.125, block_q=block_q, block_kv=block_kv)
+    kw = dict(causal=causal, window=window, scale=0.125, logit_soft_cap=logit_soft_cap, block_q=block_q,
+              block_kv=block_kv)
 
     def local(q, k, v, out, lse, d_out, q_ids, kv_ids, kv_offset):
         q_offset = T * jax.lax.axis_index("sp")

@@ -83,9 +83,10 @@ def test_inside_shard_map_with_vma_checks():
 
 
 @pytest.mark.parametrize(
-    "dtype,causal,window,segments", [(jnp.bfloat16, True, None, True), (jnp.float32, False, 200, False)]
+    "dtype,causal,window,segments,logit_soft_cap",
+    [(jnp.bfloat16, True, None, True, None), (jnp.float32, False, 200, False, 30.0)],
 )
-def test_lowers_to_mosaic_for_tpu(dtype, causal, window, segments):
+def test_lowers_to_mosaic_for_tpu(dtype, causal, window, segments, logit_soft_cap):
     # Cross-lowering runs Pallas' TPU (Mosaic) lowering on this CPU: block shapes must satisfy the
     # TPU tiling rules and every op in kernels and index maps must have a Mosaic lowering.
     B, T, S, N, K, H = 2, 256, 384, 8, 2, 80
@@ -95,7 +96,7 @@ def test_lowers_to_mosaic_for_tpu(dtype, causal, window, segments):
     if segments:
         ids = (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, S), jnp.int32))
     offset = jax.ShapeDtypeStruct((), jnp.int32)
-    kw = dict(causal=causal, window=window, scale=0.1, block_q=128, block_kv=128)
+    kw = dict(causal=causal, window=window, scale=0.1, logit_soft_cap=logit_soft_cap, block_q=128, block_kv=128)
 
     def fwd_bwd(q, k, v, d_out, q_ids, kv_ids, q_offset, kv_offset):
         masking = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset, kv_offset=kv_offset)

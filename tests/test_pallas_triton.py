@@ -87,20 +87,23 @@ def test_inside_shard_map():
 
 
 @pytest.mark.parametrize(
-    "T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype",
+    "T,S,N,K,H,block_q,block_kv,causal,window,segments,dtype,logit_soft_cap",
     [
-        (256, 256, 8, 2, 128, 128, 128, True, None, True, jnp.bfloat16),
-        (256, 128, 4, 1, 80, 256, 64, True, 100, False, jnp.bfloat16),
-        (96, 48, 4, 4, 64, 24, 48, False, None, True, jnp.float32),
-        (16, 16, 4, 2, 32, 8, 8, False, 5, False, jnp.float16),
+        (256, 256, 8, 2, 128, 128, 128, True, None, True, jnp.bfloat16, None),
+        (256, 128, 4, 1, 80, 256, 64, True, 100, False, jnp.bfloat16, 30.0),
+        (96, 48, 4, 4, 64, 24, 48, False, None, True, jnp.float32, None),
+        (16, 16, 4, 2, 32, 8, 8, False, 5, False, jnp.float16, None),
     ],
 )
-def test_kernels_lower_to_triton_for_cuda(T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype):
+def test_kernels_lower_to_triton_for_cuda(
+    T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, logit_soft_cap
+):
     # Exporting for CUDA runs the Pallas -> Triton lowering (power-of-two shapes, supported
     # primitives) without a GPU; inside shard_map with the vma check on, as a ring runs them. The
     # abstract device names the GPU to lower for (newer jax asks; older falls back to sm_90).
     mesh = abstract_mesh((2,), ("sp",), "cuda")
-    kw = dict(causal=causal, window=window, scale=0.125, block_q=block_q, block_kv=block_kv)
+    kw = dict(causal=causal, window=window, scale=0.125, logit_soft_cap=logit_soft_cap, block_q=block_q,
+              block_kv=block_kv)
 
     def local(q, k, v, d_out, q_ids, kv_ids, kv_offset):
         q_offset = T * jax.lax.axis_index("sp")

@@ -193,3 +193,31 @@ def test_any_global_length_matches_oracle(layout, causal, segments):
                            layout=layout, segment_ids=ids)
     masking = dict(q_segment_ids=ids, kv_segment_ids=ids) if segments else {}
     assert_matches_oracle(fn, q, k, v, d_out, causal=causal, **masking)
+
+
+@pytest.mark.parametrize(
+    "ring_size,layout,causal,segments,check_vma",
+    [
+        (8, "zigzag", True, True, True),
+        (4, "contiguous", True, False, False),
+        (2, "contiguous", False, True, True),
+        (1, "zigzag", False, False, True),
+    ],
+)
+def test_soft_cap_and_sinks_match_oracle(ring_size, layout, causal, segments, check_vma):
+    # The sinks are replicated: each device's rows give a share of their gradient, summed over the
+    # ring (by the vma transpose with check_vma, by shard_map's own psum without).
+    L, N, K = 16 * ring_size, 4, 2
+    q, k, v, d_out = random_qkv(41 + ring_size, 2, L, N, K, 32)
+    q, k = 2.0 * q, 2.0 * k  # scores well past the cap
+    sinks = jnp.asarray(np.random.default_rng(ring_size).normal(0.5, 1.0, N), jnp.float32)
+    ids = random_segments(42, 2, L) if segments else None
+    fn = functools.partial(
+        ring_attn.ring_attention_global, mesh=ring_mesh(ring_size), axis_name="sp", causal=causal, layout=layout,
+        segment_ids=ids, logit_soft_cap=3.0, check_vma=check_vma,
+    )
+    masking = dict(q_segment_ids=ids, kv_segment_ids=ids) if segments else {}
+    assert_matches_oracle(
+        lambda q, k, v, sinks: fn(q, k, v, sinks=sinks), q, k, v, d_out, sinks=sinks, causal=causal,
+        logit_soft_cap=3.0, **masking,
+    )

@@ -25,12 +25,12 @@ def from_layout(x, ring_size, layout):
     return ring_attn.unzigzag(x, ring_size) if layout == "zigzag" else x
 
 
-def sharded_decode(ring_size, layout):
+def sharded_decode(ring_size, layout, **options):
     """ring_decode on global caches (in the layout's order) over a ring of `ring_size` devices."""
-    fn = functools.partial(ring_attn.ring_decode, axis_name="sp", layout=layout)
+    fn = functools.partial(ring_attn.ring_decode, axis_name="sp", layout=layout, **options)
     return jax.jit(jax.shard_map(
-        lambda q, k, v, length: fn(q, k, v, kv_length=length),
-        mesh=ring_mesh(ring_size), in_specs=(P(), SEQ, SEQ, P()), out_specs=P(),
+        lambda q, k, v, length, sinks: fn(q, k, v, kv_length=length, sinks=sinks),
+        mesh=ring_mesh(ring_size), in_specs=(P(), SEQ, SEQ, P(), P()), out_specs=P(),
     ))
 
 
@@ -42,19 +42,24 @@ def sharded_update(ring_size, layout):
     ))
 
 
-def dense_decode(q, k, v, kv_length):
+def dense_decode(q, k, v, kv_length, logit_soft_cap=None, sinks=None):
     """float64 oracle: row b's n queries at kv_length[b] - n + j, causal over the whole cache, which
     is attention over the valid prefix 0 .. kv_length[b] - 1 (later keys are in the queries' future)."""
     n = q.shape[1]
     with jax.enable_x64(True):
         args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
-        return np.asarray(_dense_rows(*args, jnp.asarray(kv_length, jnp.int64) - n))
+        sinks = None if sinks is None else jnp.asarray(np.asarray(sinks, np.float64))
+        rows = _dense_rows(logit_soft_cap)
+        return np.asarray(rows(*args, jnp.asarray(kv_length, jnp.int64) - n, sinks))
 
 
-@jax.jit
-@jax.vmap
-def _dense_rows(q, k, v, q_offset):
-    return reference.attention(q[None], k[None], v[None], causal=True, q_offset=q_offset, dtype=jnp.float64)[0]
+@functools.cache
+def _dense_rows(logit_soft_cap):
+    def row(q, k, v, q_offset, sinks):
+        return reference.attention(q[None], k[None], v[None], causal=True, q_offset=q_offset,
+                                   logit_soft_cap=logit_soft_cap, sinks=sinks, dtype=jnp.float64)[0]
+
+    return jax.jit(jax.vmap(row, in_axes=(0, 0, 0, 0, None)))
 
 
 # Rings of 1, 4, 8 x both layouts x n in (1, 3); GQA (N=4, K=2) and MHA alternate.
@@ -67,9 +72,22 @@ def test_decode_matches_dense(ring_size, layout, n, heads):
     q, k, v, _ = random_qkv(ring_size * 10 + n, B, n, N, K, H, S=L)  # whole cache random, stale slots too
     kv_length = jnp.array([37, 64], jnp.int32)
     k_cache, v_cache = to_layout(k, ring_size, layout), to_layout(v, ring_size, layout)
-    out = sharded_decode(ring_size, layout)(q, k_cache, v_cache, kv_length)
+    out = sharded_decode(ring_size, layout)(q, k_cache, v_cache, kv_length, None)
     assert out.dtype == q.dtype
     assert_close(out, dense_decode(q, k, v, kv_length))
+
+
+@pytest.mark.parametrize("ring_size,layout", [(4, "zigzag"), (8, "contiguous")])
+def test_decode_soft_cap_and_sinks_match_dense(ring_size, layout):
+    # Row 0 decodes at position 0 of 3: the first query sees one key, so the sink's share is large.
+    B, L, N, K, H, n = 2, 64, 4, 2, 16, 3
+    q, k, v, _ = random_qkv(77, B, n, N, K, H, S=L)
+    q, k = 2.0 * q, 2.0 * k  # scores well past the cap
+    sinks = jnp.asarray(np.random.default_rng(78).normal(0.5, 1.0, N), jnp.float32)
+    kv_length = jnp.array([n, 50], jnp.int32)
+    k_cache, v_cache = to_layout(k, ring_size, layout), to_layout(v, ring_size, layout)
+    out = sharded_decode(ring_size, layout, logit_soft_cap=2.5)(q, k_cache, v_cache, kv_length, sinks)
+    assert_close(out, dense_decode(q, k, v, kv_length, logit_soft_cap=2.5, sinks=sinks))
 
 
 def test_decode_bfloat16_and_scale():
@@ -91,7 +109,7 @@ def test_row_that_sees_nothing_is_zero():
     q, k, v, _ = random_qkv(3, 2, 2, 4, 2, 8, S=16)
     kv_length = jnp.array([0, 1], jnp.int32)  # row 0: nothing; row 1: query 0 at -1 sees nothing
     for out in (
-        sharded_decode(4, "zigzag")(q, ring_attn.zigzag(k, 4), ring_attn.zigzag(v, 4), kv_length),
+        sharded_decode(4, "zigzag")(q, ring_attn.zigzag(k, 4), ring_attn.zigzag(v, 4), kv_length, None),
         jax.jit(functools.partial(ring_attn.ring_decode, axis_name=None))(q, k, v, kv_length=kv_length),
     ):
         out = np.asarray(out)

@@ -23,40 +23,47 @@ SEQ = P(None, "sp")
 
 
 def sharded(attention, ring_size, *, check_vma, **kwargs):
-    """attention(q, k, v, segment_ids=...) as a function of global arrays, sequence over "sp"."""
+    """attention(q, k, v, segment_ids=..., sinks=...) as a function of global arrays, sequence over
+    "sp", sinks replicated."""
     return jax.shard_map(
-        lambda q, k, v, q_ids, kv_ids: attention(q, k, v, axis_name="sp", segment_ids=(q_ids, kv_ids), **kwargs),
-        mesh=ring_mesh(ring_size), in_specs=(SEQ,) * 5, out_specs=SEQ, check_vma=check_vma,
+        lambda q, k, v, q_ids, kv_ids, sinks: attention(
+            q, k, v, axis_name="sp", segment_ids=(q_ids, kv_ids), sinks=sinks, **kwargs
+        ),
+        mesh=ring_mesh(ring_size), in_specs=(SEQ,) * 5 + (P(),), out_specs=SEQ, check_vma=check_vma,
     )
 
 
-def check_ring(ring_size, *, causal, seed, gradients, block=16, N=2, K=1, H=32):
+def check_ring(ring_size, *, causal, seed, gradients, block=16, N=2, K=1, H=32, logit_soft_cap=None, sinks=False):
     B, T = 1, 16
     L = T * ring_size
     q, k, v, d_out = random_qkv(seed, B, L, N, K, H)
     q_ids = random_segments(seed + 1, B, L, 3)
     kv_ids = q_ids if causal else random_segments(seed + 2, B, L, 3)  # cross ids when not causal
-    kwargs = dict(causal=causal, block_sizes=ring_attn.BlockSizes(block, block))
+    sinks = jnp.asarray(np.random.default_rng(seed + 3).normal(0.5, 1.0, N), jnp.float32) if sinks else None
+    kwargs = dict(causal=causal, block_sizes=ring_attn.BlockSizes(block, block), logit_soft_cap=logit_soft_cap)
     remote = sharded(ring_attention_remote_dma, ring_size, check_vma=False, **kwargs)
     ppermute = sharded(
         functools.partial(ring_attn.ring_attention, impl="pallas_tpu"), ring_size, check_vma=False, **kwargs
     )
 
-    expected, expected_grads = oracle(q, k, v, d_out, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    masking = dict(causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, logit_soft_cap=logit_soft_cap)
+    expected, expected_grads = oracle(q, k, v, d_out, sinks=sinks, **masking)
     if gradients:
-        out, grads = output_and_grads(lambda q, k, v: remote(q, k, v, q_ids, kv_ids), q, k, v, d_out, FAST_COMPILE)
-        for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+        fn = lambda q, k, v, *sinks: remote(q, k, v, q_ids, kv_ids, *(sinks or (None,)))  # noqa: E731
+        out, grads = output_and_grads(fn, q, k, v, d_out, FAST_COMPILE, sinks=sinks)
+        assert len(grads) == len(expected_grads)
+        for name, g, e in zip(("dq", "dk", "dv", "dsinks"), grads, expected_grads):
             assert_close(g, e, kind="gradient", name=name)
     else:
-        out = jax.jit(remote, compiler_options=FAST_COMPILE)(q, k, v, q_ids, kv_ids)
+        out = jax.jit(remote, compiler_options=FAST_COMPILE)(q, k, v, q_ids, kv_ids, sinks)
     assert_close(out, expected, name="out")
     # The same kernel body over the same shards, merged in the same order: equal up to rounding.
-    ppermute_out = jax.jit(ppermute, compiler_options=FAST_COMPILE)(q, k, v, q_ids, kv_ids)
+    ppermute_out = jax.jit(ppermute, compiler_options=FAST_COMPILE)(q, k, v, q_ids, kv_ids, sinks)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ppermute_out), rtol=1e-6, atol=1e-6)
 
 
-def test_causal_ring_of_4_with_segments_matches_oracle_and_ppermute_ring():
-    check_ring(4, causal=True, seed=0, gradients=True)
+def test_causal_ring_of_4_with_segments_soft_cap_and_sinks_matches_oracle_and_ppermute_ring():
+    check_ring(4, causal=True, seed=0, gradients=True, logit_soft_cap=2.0, sinks=True)
 
 
 def test_ring_of_8_with_cross_segments_matches_oracle_and_ppermute_ring():
