@@ -1,6 +1,7 @@
 """`LWMConfig`: the LLaMA architecture as the Large World Model uses it, with its released presets."""
 
 import dataclasses
+import math
 
 from ring_attn.context import STRATEGIES
 
@@ -44,6 +45,10 @@ class LWMConfig:
     ring_layout: str = "contiguous"  # how the sequence lies on the "sp" ring
     # how attention spreads over the sequence axes (ring_attn.context_attention's strategy)
     attention_strategy: str = "ring"
+    # Gemma 2's attention logit soft-cap c: scores become c * tanh(score / c); None: no cap
+    attn_logit_soft_cap: float | None = None
+    # gpt-oss's attention sinks: one learned logit per layer and query head in every softmax
+    attention_sinks: bool = False
 
     def __post_init__(self):
         check_positive_ints(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -62,6 +67,11 @@ class LWMConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.ring_layout not in ("contiguous", "zigzag"):
             raise ValueError(f"ring_layout must be 'contiguous' or 'zigzag', got {self.ring_layout!r}")
+        cap = self.attn_logit_soft_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf):
+            raise ValueError(f"attn_logit_soft_cap must be a positive finite number or None, got {cap!r}")
+        if not isinstance(self.attention_sinks, bool):
+            raise ValueError(f"attention_sinks must be a bool, got {self.attention_sinks!r}")
         if self.attention_strategy not in STRATEGIES:
             raise ValueError(f"attention_strategy must be one of {STRATEGIES}, got {self.attention_strategy!r}")
 
@@ -77,7 +87,7 @@ class LWMConfig:
     def num_params(self) -> int:
         D, F, H = self.hidden_size, self.intermediate_size, self.head_dim
         attn = D * H * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * D * F + 2 * D
+        layer = attn + 3 * D * F + 2 * D + (self.num_heads if self.attention_sinks else 0)
         vocab = self.vocab_size + self.vision_vocab_size
         return self.num_layers * layer + 2 * vocab * D + D
 

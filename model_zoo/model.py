@@ -50,6 +50,8 @@ def init_params(config: LWMConfig, key, dtype=jnp.float32) -> dict:
         "w_up": normal((n, D, F)),
         "w_down": normal((n, F, D), out_std),
     }
+    if config.attention_sinks:  # a sink logit of 0 per head: as if one more key scored 0
+        layers["sinks"] = jnp.zeros((n, N), jnp.float32)
     params = {
         "embed": normal((config.vocab_size, D)),
         "layers": layers,
@@ -81,24 +83,33 @@ def rotary(x, positions, theta):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention(q, k, v, segment_ids, config, mesh):
+def _attention(q, k, v, segment_ids, sinks, config, mesh):
     """Causal attention: over the sequence axes of the model mesh by `config.attention_strategy`,
-    blockwise on one device outside a mesh."""
+    blockwise on one device outside a mesh. `sinks` [N] or None; heads split over "tp"."""
+    options = dict(causal=True, impl=config.attention_impl, logit_soft_cap=config.attn_logit_soft_cap)
     if mesh is None:
-        return ring_attention(q, k, v, causal=True, segment_ids=segment_ids, impl=config.attention_impl)
+        return ring_attention(q, k, v, segment_ids=segment_ids, sinks=sinks, **options)
     strategy, axis_name = attention_axes(config, dict(mesh.shape))
     attend = functools.partial(
-        context_attention, causal=True, impl=config.attention_impl, axis_name=axis_name, strategy=strategy,
-        layout=config.ring_layout,
+        context_attention, axis_name=axis_name, strategy=strategy, layout=config.ring_layout, **options
     )
     heads, rows = P(BATCH, SEQUENCE, "tp", None), P(BATCH, SEQUENCE)
-    if segment_ids is None:  # nothing to pass round the ring with k/v
-        return jax.shard_map(attend, in_specs=(heads, heads, heads), out_specs=heads)(q, k, v)
+    optional = (jax.tree.map(lambda _: rows, segment_ids), jax.tree.map(lambda _: P("tp"), sinks))
     return jax.shard_map(
-        lambda q, k, v, ids: attend(q, k, v, segment_ids=ids),
-        in_specs=(heads, heads, heads, rows),
+        lambda q, k, v, ids, sinks: attend(q, k, v, segment_ids=ids, sinks=sinks),
+        in_specs=(heads, heads, heads, *optional),
         out_specs=heads,
-    )(q, k, v, segment_ids)
+    )(q, k, v, segment_ids, sinks)
+
+
+def _score_options(p, config):
+    """The soft-cap and sinks of a layer's attention, as keyword arguments; none when unused."""
+    options = {}
+    if config.attn_logit_soft_cap is not None:
+        options["logit_soft_cap"] = config.attn_logit_soft_cap
+    if "sinks" in p:
+        options["sinks"] = p["sinks"]
+    return options
 
 
 def _feedforward(x, p, config, mesh):
@@ -122,9 +133,9 @@ def _layer(x, p, *, positions, segment_ids, config, mesh, attention, return_cach
     k = rotary((h @ p["wk"]).reshape(B, L, K, H), positions, config.rope_theta)
     v = (h @ p["wv"]).reshape(B, L, K, H)
     if attention is None:
-        o = _attention(q, k, v, segment_ids, config, mesh)
+        o = _attention(q, k, v, segment_ids, p.get("sinks"), config, mesh)
     else:
-        o = attention(q, k, v, segment_ids)
+        o = attention(q, k, v, segment_ids, **_score_options(p, config))
     x = _constrain(x + o.reshape(B, L, N * H) @ p["wo"], mesh)
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     return _constrain(x + _feedforward(h, p, config, mesh), mesh), ((k, v) if return_cache else None)
@@ -235,7 +246,7 @@ def decode_step(params, cache, tokens, positions, *, config):
         q = rotary((h @ p["wq"]).reshape(B, 1, N, H), rope_positions, config.rope_theta)
         k = rotary((h @ p["wk"]).reshape(B, 1, K, H), rope_positions, config.rope_theta)
         v = (h @ p["wv"]).reshape(B, 1, K, H)
-        o, k_cache, v_cache = _decode_attention(q, k, v, k_cache, v_cache, positions, config, mesh)
+        o, k_cache, v_cache = _decode_attention(q, k, v, k_cache, v_cache, positions, p.get("sinks"), config, mesh)
         x = x + o.reshape(B, 1, N * H) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
         x = x + blockwise_feedforward(h, p["w_gate"], p["w_up"], p["w_down"], chunk_size=1)
@@ -246,20 +257,22 @@ def decode_step(params, cache, tokens, positions, *, config):
     return text_logits(params, x)[:, 0], cache
 
 
-def _decode_attention(q, k, v, k_cache, v_cache, positions, config, mesh):
-    def attend(q, k, v, k_cache, v_cache, positions, axis_name):
+def _decode_attention(q, k, v, k_cache, v_cache, positions, sinks, config, mesh):
+    def attend(q, k, v, k_cache, v_cache, positions, sinks, axis_name):
         kw = dict(axis_name=axis_name, layout=config.ring_layout if axis_name else "contiguous")
         k_cache, v_cache = ring_cache_update(k_cache, v_cache, k, v, position=positions, **kw)
-        return ring_decode(q, k_cache, v_cache, kv_length=positions + 1, **kw), k_cache, v_cache
+        out = ring_decode(q, k_cache, v_cache, kv_length=positions + 1, logit_soft_cap=config.attn_logit_soft_cap,
+                          sinks=sinks, **kw)
+        return out, k_cache, v_cache
 
     if mesh is None:
-        return attend(q, k, v, k_cache, v_cache, positions, None)
+        return attend(q, k, v, k_cache, v_cache, positions, sinks, None)
     token, cached = P(BATCH, None, "tp", None), P(BATCH, SEQUENCE, "tp", None)
     return jax.shard_map(
         functools.partial(attend, axis_name=SEQUENCE),
-        in_specs=(token, token, token, cached, cached, P(BATCH)),
+        in_specs=(token, token, token, cached, cached, P(BATCH), jax.tree.map(lambda _: P("tp"), sinks)),
         out_specs=(token, cached, cached),
-    )(q, k, v, k_cache, v_cache, positions)
+    )(q, k, v, k_cache, v_cache, positions, sinks)
 
 
 def _sequence_devices(mesh):

@@ -26,6 +26,7 @@ _PARAM_AXES = {
     "wk": (None, "fsdp", "tp"),
     "wv": (None, "fsdp", "tp"),
     "wo": (None, "tp", "fsdp"),
+    "sinks": (None, "tp"),
     "w_gate": (None, "fsdp", "tp"),
     "w_up": (None, "fsdp", "tp"),
     "w_down": (None, "tp", "fsdp"),

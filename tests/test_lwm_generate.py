@@ -13,8 +13,8 @@ from model_zoo.needle import evaluate_needles, format_table
 SMALL = TINY.replace(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-def dense(q, k, v, segment_ids):
-    return reference.attention(q, k, v, causal=True)
+def dense(q, k, v, segment_ids, **score_options):
+    return reference.attention(q, k, v, causal=True, **score_options)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,11 @@ def params():
     return jax.tree.map(lambda p: p * 3 if p.ndim > 1 else p, init_params(SMALL, jax.random.key(0)))
 
 
-def dense_greedy(params, prompt, steps):
+def dense_greedy(params, prompt, steps, config=SMALL):
     """Recomputes the whole sequence densely for every new token (padded to one length: causal
     attention keeps the padding after the last token out of its logits)."""
     length = len(prompt) + steps
-    logits = jax.jit(lambda tokens: forward(params, tokens, config=SMALL, attention=dense)[0])
+    logits = jax.jit(lambda tokens: forward(params, tokens, config=config, attention=dense)[0])
     sequence, out = list(prompt), []
     for _ in range(steps):
         padded = jnp.asarray([sequence + [0] * (length - len(sequence))])
@@ -52,6 +52,17 @@ def test_sharded_cache_generates_the_dense_tokens(params, mesh_shape, layout, st
     with jax.set_mesh(make_mesh(**mesh_shape)):
         got = generate(params, prompts, config=config, max_new_tokens=7)
     assert got == expected
+
+
+def test_soft_cap_and_sinks_in_the_cache_path(params):
+    # Decoding applies the cap and folds the sinks (split over tp) as the forward does.
+    config = SMALL.replace(attn_logit_soft_cap=1.0, attention_sinks=True, ring_layout="zigzag")
+    sinks = jax.random.normal(jax.random.key(3), (config.num_layers, config.num_heads))
+    params = {**params, "layers": {**params["layers"], "sinks": 2.0 * sinks}}
+    prompts = [list(np.random.default_rng(4).integers(0, 64, size=n)) for n in (9, 3)]
+    expected = [dense_greedy(params, p, 6, config) for p in prompts]
+    with jax.set_mesh(make_mesh(tp=2, sp=4)):
+        assert generate(params, prompts, config=config, max_new_tokens=6) == expected
 
 
 def test_stop_tokens_and_streaming(params):

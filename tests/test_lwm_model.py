@@ -17,8 +17,10 @@ from model_zoo.train import loss_fn
 SMALL = TINY.replace(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-def dense(q, k, v, segment_ids):
-    return reference.attention(q, k, v, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+def dense(q, k, v, segment_ids, **score_options):
+    return reference.attention(
+        q, k, v, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, **score_options
+    )
 
 
 def random_batch(seed, B, L, vocab):
@@ -41,7 +43,10 @@ def random_batch(seed, B, L, vocab):
 def random_params(config, seed):
     # Larger than the init so attention patterns are far from uniform and mistakes show.
     params = init_params(config, jax.random.key(seed))
-    return jax.tree.map(lambda p: p * 4 if p.ndim > 1 else p + 0.1 * jnp.arange(p.shape[-1]) / p.shape[-1], params)
+    params = jax.tree.map(lambda p: p * 4 if p.ndim > 1 else p + 0.1 * jnp.arange(p.shape[-1]) / p.shape[-1], params)
+    if config.attention_sinks:  # initialised to 0; random here, so that each head's sink differs
+        params["layers"]["sinks"] = jax.random.normal(jax.random.key(seed + 1), params["layers"]["sinks"].shape)
+    return params
 
 
 def test_presets_and_overrides():
@@ -65,20 +70,23 @@ def test_presets_and_overrides():
 
 
 @pytest.mark.parametrize(
-    "mesh_shape, layout, remat, strategy",
+    "mesh_shape, layout, remat, strategy, gemma_cap_and_sinks",
     [
-        ({"sp": 8}, "contiguous", "full", "ring"),
-        ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "dots", "ring"),
+        ({"sp": 8}, "contiguous", "full", "ring", False),
+        # A Gemma-2-style soft-cap and gpt-oss-style sinks, the sinks' heads split over tp.
+        ({"dp": 2, "tp": 2, "sp": 2}, "zigzag", "dots", "ring", True),
         # Ulysses over uly inside a ring over sp, heads also split over tp: the model passes its
         # strategy and sequence axes through (each strategy is checked against the oracle in
         # test_context_attention.py).
-        ({"tp": 2, "sp": 2, "uly": 2}, "zigzag", "full", "usp"),
+        ({"tp": 2, "sp": 2, "uly": 2}, "zigzag", "full", "usp", True),
     ],
 )
-def test_ring_model_matches_dense_model(mesh_shape, layout, remat, strategy):
-    """Logits and loss gradients: the model with its sequence sharded (a ring, or another
-    context_attention strategy) vs dense attention on one device."""
+def test_ring_model_matches_dense_model(mesh_shape, layout, remat, strategy, gemma_cap_and_sinks):
+    """Logits and loss gradients (the sinks' included): the model with its sequence sharded (a
+    ring, or another context_attention strategy) vs dense attention on one device."""
     config = SMALL.replace(ring_layout=layout, remat=remat, attention_strategy=strategy)
+    if gemma_cap_and_sinks:
+        config = config.replace(attn_logit_soft_cap=1.0, attention_sinks=True)  # scores reach ±1.5
     params = random_params(config, 0)
     batch = random_batch(1, 2, 64, config.vocab_size)
     logits = functools.partial(forward, segment_ids=batch["segment_ids"], positions=batch["positions"], config=config)
