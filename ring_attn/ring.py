@@ -12,6 +12,13 @@ Causal work is planned per step, never computed and then masked:
   whole by all queries through its first half only, and a shard from a higher rank is seen whole
   by the second query half only: each later step is exactly half a shard's work, unmasked.
 - a causal sliding window (contiguous): the ring stops after the hops the window reaches.
+- packed documents (contiguous, causal, segment ids): the ring stops after the hops the longest
+  document reaches, a number known only at run time (`document_steps`: the shards' id ranges,
+  gathered, and one max over the ring); the loop is a `while_loop`, and dk/dv go home by at most
+  log2(R) power-of-two hops. Zigzag cannot end early this way: a device's second chunk reads keys
+  from devices of higher rank and its first chunk from lower ranks, so the needed shards lie both
+  ways round the ring, and ending early would need a ring that sends both ways; packed short
+  documents want the contiguous layout.
 """
 
 import dataclasses
@@ -56,6 +63,31 @@ def steps_needed(ring_size, shard_len, *, causal, window):
     return min(ring_size, -(-(window - 1) // shard_len) + 1)
 
 
+def _id_ranges_meet(q_range, kv_range):
+    """Some batch row where a query id range [min, max] meets a key id range: int [..., B, 2] each.
+    Disjoint ranges share no id; exact for the sorted ids that packing produces, and never
+    wrong for others (it may only keep a shard that turns out to have no common id)."""
+    return jnp.any((q_range[..., 0] <= kv_range[..., 1]) & (kv_range[..., 0] <= q_range[..., 1]), axis=-1)
+
+
+def _id_range(ids):
+    return jnp.stack([ids.min(axis=1), ids.max(axis=1)], axis=-1)  # [B, T] -> [B, 2]
+
+
+def document_steps(q_seg, kv_seg, axis_name):
+    """int32 scalar, the same on every device: the ring steps a causal contiguous ring needs with
+    these segment ids, 1 + the farthest hop back from any query shard to a key shard that shares
+    an id with it. The key shards' id ranges are all-gathered (B * 2 ints each) and each device's
+    farthest hop is maxed over every manual mesh axis, not only the ring's: the ring's sends then
+    run the same number of times on every device of the program, as SPMD collectives must."""
+    ring_size, rank = ring_position(axis_name)
+    kv_ranges = lax.all_gather(_id_range(kv_seg), axis_name)  # [R, B, 2]
+    src = jnp.arange(ring_size)
+    needed = _id_ranges_meet(_id_range(q_seg)[None], kv_ranges) & (src <= rank)
+    farthest = jnp.max(jnp.where(needed, rank - src, 0))
+    return lax.pmax(farthest, tuple(jax.sharding.get_abstract_mesh().manual_axes)).astype(jnp.int32) + 1
+
+
 def merge(out1, lse1, out2, lse2):
     """Exact merge of two partial attentions (out [B, T, N, H], lse [B, N, T], float32)."""
     lse = jnp.logaddexp(lse1, lse2)
@@ -97,8 +129,13 @@ def _pad(part, value, axis=1):
 def _run_ring(first_step, step, kv, spec, num_steps):
     """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` for steps
     1..num_steps-1, where `src` is the rank whose k/v shard is in hand. The shard for step s+1
-    is sent before step s computes; the last step sends nothing."""
+    is sent before step s computes; the last step sends nothing. `num_steps` is an int, or a
+    traced int32 that is the same on every device (then a `while_loop`)."""
     ring_size, rank = ring_position(spec.axis_name)
+    if not isinstance(num_steps, int):
+        return lax.cond(
+            num_steps > 1, lambda kv: _run_ring_until(first_step, step, kv, spec, num_steps), first_step, kv
+        )
     if num_steps == 1:
         return first_step(kv)
     kv_next = shift(kv, spec.axis_name, ring_size)
@@ -113,6 +150,33 @@ def _run_ring(first_step, step, kv, spec, num_steps):
     return step(carry, kv, (rank - (num_steps - 1)) % ring_size)
 
 
+def _run_ring_until(first_step, step, kv, spec, num_steps):
+    """`_run_ring` for a traced `num_steps` > 1: the middle steps in a `while_loop`."""
+    ring_size, rank = ring_position(spec.axis_name)
+    kv_next = shift(kv, spec.axis_name, ring_size)
+    carry = first_step(kv)
+
+    def body(state):
+        s, carry, kv = state
+        kv_next = shift(kv, spec.axis_name, ring_size)
+        return s + 1, step(carry, kv, (rank - s) % ring_size), kv_next
+
+    _, carry, kv = lax.while_loop(lambda state: state[0] < num_steps - 1, body, (jnp.int32(1), carry, kv_next))
+    return step(carry, kv, (rank - (num_steps - 1)) % ring_size)
+
+
+def _send_home(x, spec, ring_size, num_steps):
+    """`x`, the accumulators of the shard `num_steps - 1` hops behind, sent to its owner: one
+    ppermute for a static count; for a traced one, a hop of 2^b for each bit b set in it."""
+    if isinstance(num_steps, int):
+        return x if num_steps == 1 else shift(x, spec.axis_name, ring_size, hops=1 - num_steps)
+    back = num_steps - 1
+    for bit in range(max(ring_size - 1, 1).bit_length()):
+        hop = functools.partial(shift, axis_name=spec.axis_name, ring_size=ring_size, hops=-(1 << bit))
+        x = lax.cond((back >> bit) & 1 == 1, hop, lambda x: x, x)
+    return x
+
+
 class _Plan:
     """Which kernel calls each ring step makes, shared by the forward and the backward.
 
@@ -120,11 +184,17 @@ class _Plan:
     half of) the shard in hand; parts are "all", "first" or "second".
     """
 
-    def __init__(self, spec, T, S):
+    def __init__(self, spec, q_seg, kv_seg, T, S):
         self.spec = spec
         self.ring_size, self.rank = ring_position(spec.axis_name)
         self.T, self.S = T, S
         self.num_steps = steps_needed(self.ring_size, T, causal=spec.causal, window=spec.window)
+        # Packed documents on a causal contiguous ring: as many steps as the longest one needs,
+        # and a step whose shard shares no id with the local queries is skipped whole.
+        self.documents = spec.causal and spec.layout == "contiguous" and q_seg is not None and self.num_steps > 1
+        if self.documents:
+            self.num_steps = jnp.minimum(document_steps(q_seg, kv_seg, spec.axis_name), self.num_steps)
+            self.q_range = _id_range(q_seg)
 
     def branch(self, pred, true_fn, false_fn):
         """`lax.cond` on a per-device predicate. Interpreted TPU kernels synchronise all devices
@@ -144,9 +214,16 @@ class _Plan:
             call("second", "all", causal=True, q_offset=self.T // 2),
         ]
 
-    def later_step(self, src, call, skip):
-        """Traced over `src`: the result of the step's calls (combined by the caller's `call`)."""
+    def later_step(self, src, kv_seg, call, skip):
+        """Traced over `src` (the rank whose shard is in hand, with ids `kv_seg`): the result of
+        the step's calls (combined by the caller's `call`)."""
         spec = self.spec
+        if self.documents:
+            visible = (src < self.rank) & _id_ranges_meet(self.q_range, _id_range(kv_seg))
+            if spec.window is None:
+                return self.branch(visible, lambda: call("all", "all", causal=False), skip)
+            offsets = dict(q_offset=self.rank * self.T, kv_offset=src * self.S)
+            return self.branch(visible, lambda: call("all", "all", causal=True, window=spec.window, **offsets), skip)
         if not spec.causal and spec.window is None:
             return call("all", "all", causal=False)
         if spec.window is not None:
@@ -166,7 +243,7 @@ class _Plan:
 
 
 def _forward(q, k, v, q_seg, kv_seg, spec):
-    plan = _Plan(spec, q.shape[1], k.shape[1])
+    plan = _Plan(spec, q_seg, kv_seg, q.shape[1], k.shape[1])
     shard_fwd = functools.partial(
         pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap,
         block_q=spec.block_sizes.block_q, block_kv=spec.block_sizes.block_kv,
@@ -190,7 +267,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
             new_out, new_lse = merge(_part(full_out, q_part, 1), _part(full_lse, q_part, 2), out, lse)
             return _place(q_part, full_out, new_out, 1), _place(q_part, full_lse, new_lse, 2)
 
-        return plan.later_step(src, merged, lambda: state)
+        return plan.later_step(src, kv[2], merged, lambda: state)
 
     return _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
 
@@ -202,7 +279,7 @@ def backward(spec, residuals, d_out):
     sinks. This device's rows give their share of the sinks' gradient; `ring_attention_shard`'s
     caller made sinks device-varying, so JAX's transpose of that sums the shares over the ring."""
     q, k, v, q_seg, kv_seg, sinks, out, lse = residuals
-    plan = _Plan(spec, q.shape[1], k.shape[1])
+    plan = _Plan(spec, q_seg, kv_seg, q.shape[1], k.shape[1])
     delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     shard_bwd = functools.partial(
         pallas_kernels.attention_bwd, impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap,
@@ -231,13 +308,11 @@ def backward(spec, residuals, d_out):
         dq, dkv = carry
         # The accumulator of the shard now in hand arrives while this step computes.
         dkv = shift(dkv, spec.axis_name, plan.ring_size)
-        dq_s, dk_s, dv_s = plan.later_step(src, functools.partial(contributions, kv=kv), nothing)
+        dq_s, dk_s, dv_s = plan.later_step(src, kv[2], functools.partial(contributions, kv=kv), nothing)
         return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
     dq, dkv = _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
-    if plan.num_steps > 1:  # home to the owner, num_steps - 1 hops back
-        dkv = shift(dkv, spec.axis_name, plan.ring_size, hops=1 - plan.num_steps)
-    dk, dv = dkv
+    dk, dv = _send_home(dkv, spec, plan.ring_size, plan.num_steps)
     d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks
 
