@@ -59,6 +59,10 @@ def _mesh(text):
     return tuple(axes)
 
 
+MODEL_HELP = (
+    "a training workdir, a model folder (from convert), or the name of a model shipped in the package "
+    "(lwm-tiny-retrieval)"
+)
 # ring_attn.context.STRATEGIES, named here so that --help needs no JAX.
 STRATEGIES = ("auto", "ring", "all_gather", "ulysses", "usp")
 STRATEGY_HELP = (
@@ -84,6 +88,8 @@ def build_parser():
     train.add_argument("--learning-rate", type=float, default=3e-3)
     train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
     train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
+    train.add_argument("--copy-fraction", type=float, default=0.0,
+                       help="share of rows that are random tokens followed by the same tokens (copying)")
     train.add_argument("--max-needles", type=_positive_int, default=1,
                        help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)
@@ -95,28 +101,34 @@ def build_parser():
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gen = commands.add_parser("generate", help="generate from a trained or converted model")
-    gen.add_argument("--model", required=True, type=pathlib.Path, help="training workdir or converted model folder")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the chat template (for chat models such as LWM-Text-Chat); by default "
+                          "the model continues the prompt's text, which suits models trained here")
     gen.add_argument("--tokenizer", type=pathlib.Path, help="SentencePiece model (default: the shipped one)")
     gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
     gen.add_argument("--attention-strategy", choices=STRATEGIES, help="the prefill's attention (default: the model's)")
 
     needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
-    needle.add_argument("--workdir", required=True, type=pathlib.Path,
-                        help="the model (training workdir or model folder)")
+    needle.add_argument("--model", "--workdir", dest="model", required=True, help=MODEL_HELP)
     needle.add_argument("--lengths", type=_number_list(int), default=[256, 512, 1024, 1536, 2048])
     needle.add_argument("--depths", type=_number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
     needle.add_argument("--trials", type=_positive_int, default=4, help="haystacks per cell")
     needle.add_argument("--needles", type=_positive_int, default=1, help="needles hidden")
     needle.add_argument("--asked", type=_positive_int, default=1, help="needles asked for")
     needle.add_argument("--seed", type=int, default=0)
-    needle.add_argument("--out", type=pathlib.Path, help="where needle.json/png go (default: the workdir)")
+    needle.add_argument("--out", type=pathlib.Path,
+                        help="where needle.json/png go (default: the model's folder; runs/NAME for a shipped model)")
     needle.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+
+    export = commands.add_parser("export", help="a trained workdir -> a self-contained model folder with provenance")
+    export.add_argument("--workdir", required=True, type=pathlib.Path, help="a training workdir, eval-needle run on it")
+    export.add_argument("--out", required=True, type=pathlib.Path)
 
     convert = commands.add_parser("convert", help="Hugging Face LLaMA folder -> model folder")
     convert.add_argument("hf_dir", type=pathlib.Path)
@@ -127,11 +139,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = argv
     flag = "--xla_force_host_platform_device_count"
     if flag not in os.environ.get("XLA_FLAGS", ""):  # read when the CPU backend starts, so before any use
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.cpu_devices}".strip()
     try:
-        {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "convert": _convert}[args.command](args)
+        commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "export": _export,
+                    "convert": _convert}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -139,6 +154,7 @@ def main(argv=None):
 
 
 def _train(args):
+    argv = args.argv
     from model_zoo.config import preset
     from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train, training_mesh
 
@@ -155,12 +171,15 @@ def _train(args):
                           attention_strategy=args.attention_strategy)
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, max_needles=args.max_needles,
+        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, copy_fraction=args.copy_fraction,
+        max_needles=args.max_needles,
         seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh,
         init_from=str(args.init_from) if args.init_from else None,
     )
     training_mesh(cfg)  # refused here, before the workdir exists
     _check_same_run(args.workdir, cfg)
+    with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
+        log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
     train(cfg, args.workdir, progress=not args.no_progress)
     print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, "
           f"plot in {args.workdir / 'loss.png'}")
@@ -196,12 +215,14 @@ def _check_same_run(workdir, cfg):
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _load(path, mesh_axes):
+def _load(model, mesh_axes):
+    """(mesh, config, params) of `--model`: a path, or a shipped model's name."""
     from model_zoo.checkpoint import load_model
     from model_zoo.sharding import make_mesh
+    from model_zoo.shipped import resolve_model
 
     mesh = make_mesh(**dict(mesh_axes))
-    config, params = load_model(path, mesh=mesh)
+    config, params = load_model(resolve_model(model), mesh=mesh)
     return mesh, config, params
 
 
@@ -226,7 +247,7 @@ def _generate(args):
             f"the tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary "
             f"has {config.vocab_size}: pass the model's own tokenizer with --tokenizer"
         )
-    text = args.prompt if args.raw else chat_prompt(args.prompt)
+    text = chat_prompt(args.prompt) if args.chat else args.prompt
     prompt = [tokenizer.bos_id] + tokenizer.encode(text)
     emitted = []
 
@@ -252,7 +273,7 @@ def _eval_needle(args):
         raise ValueError(f"--asked {args.asked} cannot exceed --needles {args.needles}")
     if any(not 0 <= d <= 1 for d in args.depths):
         raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
-    mesh, config, params = _load(args.workdir, args.mesh)
+    mesh, config, params = _load(args.model, args.mesh)
     if max(args.lengths) > config.max_position_embeddings:
         raise ValueError(
             f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions"
@@ -265,10 +286,47 @@ def _eval_needle(args):
         scores = evaluate_needles(params, config, lengths=args.lengths, depths=args.depths, trials=args.trials,
                                   num_needles=args.needles, num_asked=args.asked, seed=args.seed, on_cell=report)
     print(format_table(scores, args.lengths, args.depths))
-    out = args.out or args.workdir
+    out = args.out or _needle_out(args.model)
     save_results(out, np.asarray(scores), args.lengths, args.depths, trials=args.trials,
                  num_needles=args.needles, num_asked=args.asked)
     print(f"wrote {out / 'needle.json'} and {out / 'needle.png'}")
+
+
+def _needle_out(model):
+    """The default folder for eval-needle's results: the model's own, or runs/NAME for a shipped one."""
+    from model_zoo.shipped import shipped_models
+
+    path = pathlib.Path(model)
+    return path if path.exists() or model not in shipped_models() else pathlib.Path("runs") / model
+
+
+def _export(args):
+    import jax
+
+    from model_zoo.checkpoint import load_model
+    from model_zoo.shipped import export_model
+    from model_zoo.train import read_metrics
+
+    workdir = args.workdir
+    needle_path = workdir / "needle.json"
+    if not needle_path.is_file():
+        raise FileNotFoundError(f"{needle_path} is missing: run eval-needle --model {workdir} first")
+    needle = json.loads(needle_path.read_text())
+    metrics = read_metrics(workdir / "metrics.jsonl")
+    config, params = load_model(workdir)
+    provenance = {
+        "commands": (workdir / "commands.log").read_text().splitlines(),
+        "run": json.loads((workdir / "run.json").read_text()),
+        "steps": len(metrics),
+        "tokens": sum(r["tokens"] for r in metrics),
+        "step_seconds": round(sum(r["seconds"] for r in metrics), 1),
+        "needle_grid": {k: needle[k] for k in ("lengths", "depths", "trials", "num_needles", "num_asked", "scores")},
+        "needle_accuracy": needle["accuracy"],
+        "jax": jax.__version__,
+    }
+    export_model(args.out, config, params, provenance)
+    print(f"wrote {args.out}: {len(metrics)} steps, {provenance['tokens']:,} tokens, "
+          f"needle accuracy {needle['accuracy']:.2f}")
 
 
 def _convert(args):

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from model_zoo.config import LWMConfig
 from model_zoo.model import init_params
 from model_zoo.sharding import param_shardings
+from model_zoo.shipped import read_safetensors_params
 
 
 class CheckpointError(RuntimeError):
@@ -127,8 +128,9 @@ def save_model(directory, config, params):
 
 
 def load_model(path, mesh=None):
-    """(config, params) from a model folder (`save_model`, `python -m model_zoo convert`) or from a
-    training workdir (the parameters of its newest readable checkpoint).
+    """(config, params) from a model folder (`save_model`, `python -m model_zoo convert`, or a
+    shipped model's params.safetensors) or from a training workdir (the parameters of its newest
+    readable checkpoint).
 
     `mesh`: the parameters are placed by `param_shardings` over it; None: on the default device.
     """
@@ -137,6 +139,9 @@ def load_model(path, mesh=None):
         saved = json.loads((path / "model.json").read_text())
         config = LWMConfig.from_dict(saved["config"])
         target = _abstract_params(config, mesh, saved["dtype"])
+        if (path / "params.safetensors").is_file():  # a shipped model (model_zoo.shipped)
+            params = read_safetensors_params(path / "params.safetensors", target)
+            return config, jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
         with ocp.StandardCheckpointer() as checkpointer:
             return config, checkpointer.restore(path / "params", target)
     if (path / "checkpoints").is_dir():

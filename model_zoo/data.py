@@ -2,11 +2,12 @@
 
 A batch is a pure function of (seed, step, shape): a resumed run sees exactly the batches it would have.
 The mix: slices of the embedded corpus (every token trained on), needle-retrieval examples (a
-number hidden in corpus text, asked for at the end; only the answer is trained on) and repeated
-passages (a corpus slice, then the same slice again; every token trained on; off by default). A
-repeat trains copying from context, the mechanism (an induction head) that answering a needle
-question needs: each token of the second copy is predictable by finding its place in the first,
-a signal on hundreds of tokens per row where a needle question gives eight.
+number hidden in corpus text, asked for at the end; only the answer is trained on), repeated
+passages (a corpus slice, then the same slice again; every token trained on) and copies of random
+tokens (drawn from the corpus, then repeated; the copy trained on). The last two train copying
+from context, the mechanism (an induction head) that answering a needle question needs: each
+token of a second copy is predictable by finding its place in the first, a signal on hundreds of
+tokens per row where a needle question gives eight.
 """
 
 import dataclasses
@@ -81,6 +82,16 @@ def _repeat_document(rng, haystack, length, tokenizer):
     return ids, [1] * len(ids)
 
 
+def _copy_document(rng, haystack, length, tokenizer):
+    """Tokens drawn at random from the corpus, then the same tokens again; only the second copy is
+    trained on. Random tokens have no other predictor than the first copy, so every trained token
+    asks for an induction head (find this token's earlier place, copy the next one)."""
+    half = (length - 1) // 2
+    tokens = list(haystack[rng.integers(0, len(haystack), size=half)])
+    ids = [tokenizer.bos_id] + tokens + tokens
+    return ids, [0] * (1 + half) + [1] * half
+
+
 def _needle_document(rng, haystack, length, tokenizer, max_needles=1):
     """At most `length` tokens: the prompt leaves room for the longest answer. With `max_needles`
     > 1, 1..max_needles needles (as many as fit) are hidden and all are asked for."""
@@ -92,11 +103,13 @@ def _needle_document(rng, haystack, length, tokenizer, max_needles=1):
     return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
 
 
-def check_row_fractions(needle_fraction, repeat_fraction):
-    """The shares of needle and repeated-passage rows: each >= 0, together <= 1."""
-    if not (needle_fraction >= 0 and repeat_fraction >= 0 and needle_fraction + repeat_fraction <= 1):
+def check_row_fractions(needle_fraction, repeat_fraction, copy_fraction=0.0):
+    """The shares of needle, repeated-passage and random-copy rows: each >= 0, together <= 1."""
+    shares = (needle_fraction, repeat_fraction, copy_fraction)
+    if not (all(x >= 0 for x in shares) and sum(shares) <= 1):
         raise ValueError(
-            f"needle_fraction={needle_fraction!r} and repeat_fraction={repeat_fraction!r} must be >= 0 with a sum <= 1"
+            f"needle_fraction={needle_fraction!r}, repeat_fraction={repeat_fraction!r} and "
+            f"copy_fraction={copy_fraction!r} must be >= 0 with a sum <= 1"
         )
 
 
@@ -106,15 +119,16 @@ def check_max_needles(max_needles):
 
 
 def packed_batch(
-    seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, max_needles=1,
-    tokenizer=None,
+    seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, copy_fraction=0.0,
+    max_needles=1, tokenizer=None,
 ):
     """The batch for `step`: int32 arrays [batch_size, seq_len] of inputs, targets, segment_ids,
     positions and float32 loss_mask. Segment 0 is padding (masked out); documents are 1, 2, ...
     A row holds needle documents with probability `needle_fraction` (each with up to `max_needles`
-    needles, all asked for), repeated passages with `repeat_fraction`, corpus text otherwise.
+    needles, all asked for), repeated passages with `repeat_fraction`, copies of random tokens with
+    `copy_fraction`, corpus text otherwise.
     """
-    check_row_fractions(needle_fraction, repeat_fraction)
+    check_row_fractions(needle_fraction, repeat_fraction, copy_fraction)
     check_max_needles(max_needles)
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
@@ -130,6 +144,8 @@ def packed_batch(
             document, shortest = functools.partial(_needle_document, max_needles=max_needles), MIN_NEEDLE
         elif needle_fraction <= kind < needle_fraction + repeat_fraction:
             document, shortest = _repeat_document, MIN_DOCUMENT
+        elif needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:
+            document, shortest = _copy_document, MIN_DOCUMENT
         else:
             document, shortest = _text_document, MIN_DOCUMENT
         used, segment = 0, 0

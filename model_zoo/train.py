@@ -59,6 +59,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     needle_fraction: float = 0.5
     repeat_fraction: float = 0.0
+    copy_fraction: float = 0.0
     max_needles: int = 1  # needles per training document, all asked for (1..max_needles)
     seed: int = 0
     save_every: int = 50
@@ -72,7 +73,7 @@ class TrainConfig:
         check_positive_ints(self, "batch_size", "save_every", "keep_checkpoints")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
-        check_row_fractions(self.needle_fraction, self.repeat_fraction)
+        check_row_fractions(self.needle_fraction, self.repeat_fraction, self.copy_fraction)
         check_max_needles(self.max_needles)
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
@@ -220,7 +221,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
                 cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
-                repeat_fraction=cfg.repeat_fraction, max_needles=cfg.max_needles,
+                repeat_fraction=cfg.repeat_fraction, copy_fraction=cfg.copy_fraction, max_needles=cfg.max_needles,
             )
             tokens = int(np.count_nonzero(host_batch["segment_ids"]))
             batch = jax.device_put(host_batch, batch_sharding(mesh))

@@ -86,10 +86,27 @@ def test_repeat_rows_hold_a_passage_twice_and_train_on_every_token():
             ids = batch["targets"][row, seg == s]  # the document after its bos
             half = len(ids) // 2
             assert len(ids) == 2 * half >= 14 and np.array_equal(ids[:half], ids[half:])
-    with pytest.raises(ValueError, match="needle_fraction=0.6 and repeat_fraction=0.5 must be >= 0 with a sum <= 1"):
+    with pytest.raises(ValueError, match="needle_fraction=0.6, repeat_fraction=0.5 and copy_fraction=0.0 must be >= 0 "
+                                         "with a sum <= 1"):
         packed_batch(0, 0, batch_size=1, seq_len=128, needle_fraction=0.6, repeat_fraction=0.5)
-    with pytest.raises(ValueError, match="needle_fraction=0.5 and repeat_fraction=-0.1 must be >= 0"):
+    with pytest.raises(ValueError, match="repeat_fraction=-0.1 and copy_fraction=0.0 must be >= 0"):
         TrainConfig(model=TINY, repeat_fraction=-0.1)
+
+
+def test_copy_rows_repeat_random_corpus_tokens_and_train_on_the_copy():
+    batch = packed_batch(3, 0, batch_size=4, seq_len=256, needle_fraction=0.0, copy_fraction=1.0)
+    for row in range(4):
+        seg = batch["segment_ids"][row]
+        for s in np.unique(seg[seg > 0]):
+            inputs, targets, trained = (batch[k][row, seg == s] for k in ("inputs", "targets", "loss_mask"))
+            tokens = np.concatenate([inputs[1:], targets[-1:]])  # the document after its bos
+            half = len(tokens) // 2
+            assert np.array_equal(tokens[:half], tokens[half:])
+            # The first copy is random (nothing to learn), the second is trained on, token for token.
+            assert np.array_equal(trained, np.r_[np.zeros(half), np.ones(half)])
+            assert len(set(tokens[:half].tolist())) > half // 2  # drawn at random, not a corpus passage
+    with pytest.raises(ValueError, match="copy_fraction=0.7 must be >= 0 with a sum <= 1"):
+        TrainConfig(model=TINY, copy_fraction=0.7)
 
 
 def test_batches_are_a_function_of_seed_and_step():
