@@ -84,7 +84,9 @@ def build_parser():
     train.add_argument("--stages", type=_stages, help="SEQ_LEN:ROPE_THETA:STEPS,... (default: the preset's)")
     train.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint period in steps")
     train.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
-    train.add_argument("--batch-size", type=_positive_int, default=8)
+    train.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch")
+    train.add_argument("--tokens-per-batch", type=_positive_int,
+                       help="rows per batch of each stage = this // its length, the same tokens in every batch")
     train.add_argument("--learning-rate", type=float, default=3e-3)
     train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
     train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
@@ -170,7 +172,8 @@ def _train(args):
     model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)),
                           attention_strategy=args.attention_strategy)
     cfg = TrainConfig(
-        model=model, stages=stages, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        model=model, stages=stages, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,
+        learning_rate=args.learning_rate,
         needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, copy_fraction=args.copy_fraction,
         max_needles=args.max_needles,
         seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh,

@@ -53,6 +53,9 @@ class TrainConfig:
     model: LWMConfig
     stages: tuple[Stage, ...] = TINY_STAGES
     batch_size: int = 8
+    # With a value: each stage's rows are tokens_per_batch // seq_len, so that every batch holds the
+    # same number of tokens, as LWM sizes its stages; batch_size is then unused.
+    tokens_per_batch: int | None = None
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
@@ -71,6 +74,13 @@ class TrainConfig:
         if not self.stages:
             raise ValueError("stages must not be empty")
         check_positive_ints(self, "batch_size", "save_every", "keep_checkpoints")
+        if self.tokens_per_batch is not None:
+            check_positive_ints(self, "tokens_per_batch")
+            short = [s.seq_len for s in self.stages if s.seq_len > self.tokens_per_batch]
+            if short:
+                raise ValueError(
+                    f"tokens_per_batch={self.tokens_per_batch} holds no row of a stage of {short[0]} tokens"
+                )
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         check_row_fractions(self.needle_fraction, self.repeat_fraction, self.copy_fraction)
@@ -84,6 +94,10 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+    def rows(self, stage: Stage) -> int:
+        """The batch size (rows) of `stage`."""
+        return self.batch_size if self.tokens_per_batch is None else self.tokens_per_batch // stage.seq_len
 
     def stage_model(self, stage: Stage) -> LWMConfig:
         """The model as `stage` trains it (its rope_theta): what its steps run and its checkpoints record."""
@@ -164,7 +178,7 @@ def training_mesh(cfg: TrainConfig):
     mesh = make_mesh(**dict(cfg.mesh))
     for index, stage in enumerate(cfg.stages, 1):
         try:
-            check_mesh_shapes(cfg.stage_model(stage), dict(mesh.shape), cfg.batch_size, stage.seq_len)
+            check_mesh_shapes(cfg.stage_model(stage), dict(mesh.shape), cfg.rows(stage), stage.seq_len)
         except ValueError as error:
             where = f"stage {index} ({stage.seq_len} tokens) on the mesh {dict(mesh.shape)}"
             raise ValueError(f"{where}: {error}") from None
@@ -220,7 +234,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
                 steps_by_stage[index] = _train_step(tx, cfg.stage_model(stage))
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
-                cfg.seed, step, batch_size=cfg.batch_size, seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
+                cfg.seed, step, batch_size=cfg.rows(stage), seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
                 repeat_fraction=cfg.repeat_fraction, copy_fraction=cfg.copy_fraction, max_needles=cfg.max_needles,
             )
             tokens = int(np.count_nonzero(host_batch["segment_ids"]))

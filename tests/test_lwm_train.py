@@ -19,7 +19,7 @@ from model_zoo import TINY
 from model_zoo.__main__ import main
 from model_zoo.checkpoint import load_model
 from model_zoo.data import packed_batch
-from model_zoo.train import Stage, TrainConfig, TrainingError, loss_fn, read_metrics, train
+from model_zoo.train import Stage, TrainConfig, TrainingError, loss_fn, read_metrics, train, training_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,16 @@ def test_the_command_line_offers_every_attention_strategy():
     from ring_attn.context import STRATEGIES
 
     assert cli.STRATEGIES == STRATEGIES  # named twice so that --help needs no JAX
+
+
+def test_tokens_per_batch_sizes_each_stage(tmp_path):
+    # 256 tokens a batch: 8 rows of 32, then 4 of 64, checked against the mesh before training.
+    cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 1), Stage(64, 1e5, 1)),
+                      tokens_per_batch=256, mesh=(("dp", 2), ("sp", 2)))
+    assert [cfg.rows(s) for s in cfg.stages] == [8, 4]
+    train(cfg, tmp_path, progress=False)
+    assert [r["tokens"] <= 256 for r in read_metrics(tmp_path / "metrics.jsonl")] == [True, True]
+    with pytest.raises(ValueError, match="tokens_per_batch=48 holds no row of a stage of 64 tokens"):
+        dataclasses.replace(cfg, tokens_per_batch=48)
+    with pytest.raises(ValueError, match=r"stage 2 \(64 tokens\).*batch_size=3 must be divisible by dp\*fsdp=2"):
+        training_mesh(dataclasses.replace(cfg, tokens_per_batch=192))
