@@ -1,11 +1,12 @@
 """TINY's training step at the longest stage: ring attention on 8 devices vs dense attention, side by side.
 
-    python bench/lwm_step.py [--seq-len 2048] [--batch-size 8] [--runs 5]
+    python bench/lwm_step.py [--seq-len 2048] [--batch-size 8] [--runs 5] [--json bench/results/lwm_step.json]
 
 Three variants of one step (loss, gradients, AdamW update) on the same batch, timed alternately
 in one process: the ring over an 8-device "sp" axis; blockwise attention on one device; and the
 naive dense attention of `reference/` on one device. Prints a markdown table (median step time,
-tokens/s, compiled temp memory per device) and writes bench/results/lwm_step.json.
+tokens/s, compiled temp memory per device) and writes it to --json. The first two are the main
+job's step on `sp=8` and on `sp=1`.
 """
 
 import os
@@ -47,6 +48,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5)
+    results = pathlib.Path(__file__).parent / "results"
+    parser.add_argument("--json", type=pathlib.Path, default=results / "lwm_step.json")
     args = parser.parse_args()
     cfg = TrainConfig(model=TINY, stages=(Stage(args.seq_len, 1e5, 1),), batch_size=args.batch_size)
     config = TINY.replace(rope_theta=1e5)
@@ -81,8 +84,7 @@ def main():
         rows.append(dict(variant=name, seconds=t, tokens_per_s=tokens / t, speedup_vs_dense=base / t,
                          temp_mib=v["temp"] / 2**20))
         print(f"| {name} | {t:.2f} | {tokens / t:,.0f} | {base / t:.2f}x | {v['temp'] / 2**20:.0f} |")
-    out = pathlib.Path(__file__).parent / "results" / "lwm_step.json"
-    out.write_text(json.dumps(dict(seq_len=args.seq_len, batch_size=args.batch_size, runs=args.runs, rows=rows),
+    args.json.write_text(json.dumps(dict(seq_len=args.seq_len, batch_size=args.batch_size, runs=args.runs, rows=rows),
                               indent=2) + "\n")
 
 
