@@ -85,7 +85,11 @@ def document_steps(q_seg, kv_seg, axis_name):
     src = jnp.arange(ring_size)
     needed = _id_ranges_meet(_id_range(q_seg)[None], kv_ranges) & (src <= rank)
     farthest = jnp.max(jnp.where(needed, rank - src, 0))
-    return lax.pmax(farthest, tuple(jax.sharding.get_abstract_mesh().manual_axes)).astype(jnp.int32) + 1
+    axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    varying = jax.typeof(farthest).manual_axis_type.varying
+    if varying:  # shard_map's vma check is on: a max over an axis the value does not vary over is refused
+        farthest = lax.pcast(farthest, tuple(a for a in axes if a not in varying), to="varying")
+    return lax.pmax(farthest, axes).astype(jnp.int32) + 1
 
 
 def merge(out1, lse1, out2, lse2):
