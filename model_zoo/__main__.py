@@ -30,17 +30,17 @@ def _number_list(kind):
 
 
 def _stages(text):
-    """'512:1e4:240,2048:1e5:60' -> [(seq_len, rope_theta, steps), ...]."""
+    """'512:1e4:240,2048:1e5:60:4' -> [(seq_len, rope_theta, steps[, rows]), ...]."""
     stages = []
     for part in text.split(","):
         fields = part.split(":")
         try:
-            seq_len, theta, steps = int(fields[0]), float(fields[1]), int(fields[2])
-            if len(fields) != 3:
+            if len(fields) not in (3, 4):
                 raise ValueError
-        except (ValueError, IndexError):
-            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:ROPE_THETA:STEPS, got {part!r}") from None
-        stages.append((seq_len, theta, steps))
+            stage = (int(fields[0]), float(fields[1]), int(fields[2]), *(int(f) for f in fields[3:]))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:ROPE_THETA:STEPS[:ROWS], got {part!r}") from None
+        stages.append(stage)
     return stages
 
 
@@ -59,6 +59,13 @@ def _mesh(text):
     return tuple(axes)
 
 
+# model_zoo.train.RECIPES' names and what they set, here so that --help needs no JAX.
+RECIPES = ("retrieval",)
+RECIPE_HELP = (
+    "a named training recipe; 'retrieval': TINY to needle retrieval up to 2048 tokens (3200 steps of 16 x 256, "
+    "then 600 of 4 x 2048 at rope_theta 1e5; half needle rows, half repeated passages; about an hour on 2 cores)"
+)
+TRAIN_DEFAULTS = dict(learning_rate=3e-3, needle_fraction=0.5, repeat_fraction=0.0, copy_fraction=0.0, save_every=50)
 MODEL_HELP = (
     "a training workdir, a model folder (from convert), or the name of a model shipped in the package "
     "(lwm-tiny-retrieval)"
@@ -81,17 +88,19 @@ def build_parser():
     train.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     train.add_argument("--workdir", required=True, type=pathlib.Path, help="checkpoints, metrics.jsonl, loss.png")
     train.add_argument("--steps", type=_positive_int, help="total steps, split over the stages in their proportions")
-    train.add_argument("--stages", type=_stages, help="SEQ_LEN:ROPE_THETA:STEPS,... (default: the preset's)")
-    train.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint period in steps")
+    train.add_argument("--stages", type=_stages,
+                       help="SEQ_LEN:ROPE_THETA:STEPS[:ROWS],... (default: the preset's; ROWS: the stage's batch size)")
+    train.add_argument("--recipe", choices=RECIPES, help=RECIPE_HELP)
+    train.add_argument("--save-every", type=_positive_int, help="checkpoint period in steps (default 50)")
     train.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch")
     train.add_argument("--tokens-per-batch", type=_positive_int,
                        help="rows per batch of each stage = this // its length, the same tokens in every batch")
-    train.add_argument("--learning-rate", type=float, default=3e-3)
-    train.add_argument("--needle-fraction", type=float, default=0.5, help="share of rows that are retrieval examples")
-    train.add_argument("--repeat-fraction", type=float, default=0.0, help="share of rows that are repeated passages")
-    train.add_argument("--copy-fraction", type=float, default=0.0,
-                       help="share of rows that are random tokens followed by the same tokens (copying)")
+    train.add_argument("--learning-rate", type=float, help="peak learning rate (default 3e-3)")
+    train.add_argument("--needle-fraction", type=float, help="share of rows that are retrieval examples (default 0.5)")
+    train.add_argument("--repeat-fraction", type=float, help="share of rows that are repeated passages (default 0)")
+    train.add_argument("--copy-fraction", type=float,
+                       help="share of rows that are random tokens followed by the same tokens (default 0)")
     train.add_argument("--max-needles", type=_positive_int, default=1,
                        help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)
@@ -158,10 +167,22 @@ def main(argv=None):
 def _train(args):
     argv = args.argv
     from model_zoo.config import preset
+    from model_zoo.train import RECIPES as RECIPE_SETTINGS
     from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train, training_mesh
 
+    settings = dict(TRAIN_DEFAULTS)
+    if args.recipe:
+        recipe = RECIPE_SETTINGS[args.recipe]
+        given = [name for name in (*recipe, "steps") if getattr(args, name, None) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"--recipe {args.recipe} sets {flags}: drop {'it' if len(given) == 1 else 'them'}")
+        settings.update(recipe)
+    settings.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     model = preset(args.preset)
-    if args.stages:
+    if args.recipe:
+        stages = settings["stages"]
+    elif args.stages:
         stages = tuple(Stage(*s) for s in args.stages)
     elif args.preset == "tiny":
         stages = TINY_STAGES
@@ -173,10 +194,10 @@ def _train(args):
                           attention_strategy=args.attention_strategy)
     cfg = TrainConfig(
         model=model, stages=stages, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,
-        learning_rate=args.learning_rate,
-        needle_fraction=args.needle_fraction, repeat_fraction=args.repeat_fraction, copy_fraction=args.copy_fraction,
-        max_needles=args.max_needles,
-        seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep, mesh=args.mesh,
+        learning_rate=settings["learning_rate"], needle_fraction=settings["needle_fraction"],
+        repeat_fraction=settings["repeat_fraction"], copy_fraction=settings["copy_fraction"],
+        max_needles=args.max_needles, seed=args.seed, save_every=settings["save_every"], keep_checkpoints=args.keep,
+        mesh=args.mesh,
         init_from=str(args.init_from) if args.init_from else None,
     )
     training_mesh(cfg)  # refused here, before the workdir exists

@@ -32,20 +32,33 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One context stage: `steps` steps on rows of `seq_len` tokens with rotary `rope_theta`."""
+    """One context stage: `steps` steps on rows of `seq_len` tokens with rotary `rope_theta`;
+    `batch_size` rows per batch, or None for the run's."""
 
     seq_len: int
     rope_theta: float
     steps: int
+    batch_size: int | None = None
 
     def __post_init__(self):
         check_positive_ints(self, "seq_len", "steps")
+        if self.batch_size is not None:
+            check_positive_ints(self, "batch_size")
         if not self.rope_theta > 1:
             raise ValueError(f"Stage.rope_theta must be > 1, got {self.rope_theta!r}")
 
 
 # TINY's progressive context: 512 tokens, then 2048 with theta raised, as LWM grows its context.
 TINY_STAGES = (Stage(512, 1e4, 250), Stage(2048, 1e5, 50))
+# Named recipes for `train --recipe`: TrainConfig fields. "retrieval": the TINY model to needle
+# retrieval up to 2048 tokens (half the rows needle questions, half repeated passages; the copy
+# circuit forms at 256 tokens, then a 2048-token stage carries it to the full length).
+RECIPES = {
+    "retrieval": dict(
+        stages=(Stage(256, 1e4, 3200, batch_size=16), Stage(2048, 1e5, 600, batch_size=4)),
+        needle_fraction=0.5, repeat_fraction=0.5, learning_rate=3e-3, save_every=200,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +109,9 @@ class TrainConfig:
         return sum(s.steps for s in self.stages)
 
     def rows(self, stage: Stage) -> int:
-        """The batch size (rows) of `stage`."""
+        """The batch size (rows) of `stage`: its own, else from tokens_per_batch, else the run's."""
+        if stage.batch_size is not None:
+            return stage.batch_size
         return self.batch_size if self.tokens_per_batch is None else self.tokens_per_batch // stage.seq_len
 
     def stage_model(self, stage: Stage) -> LWMConfig:
