@@ -119,7 +119,7 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--workdir", str(tmp_path), "--stages", "512:1e4"])
-    assert "a stage is SEQ_LEN:ROPE_THETA:STEPS, got '512:1e4'" in capsys.readouterr().err
+    assert "a stage is SEQ_LEN:ROPE_THETA:STEPS[:ROWS], got '512:1e4'" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "a"), "--preset", "huge"]) == 1
     assert "unknown preset 'huge'" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=16"]) == 1
@@ -166,3 +166,24 @@ def test_tokens_per_batch_sizes_each_stage(tmp_path):
         dataclasses.replace(cfg, tokens_per_batch=48)
     with pytest.raises(ValueError, match=r"stage 2 \(64 tokens\).*batch_size=3 must be divisible by dp\*fsdp=2"):
         training_mesh(dataclasses.replace(cfg, tokens_per_batch=192))
+
+
+def test_recipes_are_named_once_for_the_command_line_and_checked(tmp_path, capsys, monkeypatch):
+    import model_zoo.train as training
+    from model_zoo import __main__ as cli
+
+    assert cli.RECIPES == tuple(training.RECIPES)  # named twice so that --help needs no JAX
+    assert set(cli.TRAIN_DEFAULTS) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    # The recipe's settings reach the run (its stages shrunk here to two steps), and its rows per stage.
+    small = dict(training.RECIPES["retrieval"], stages=(Stage(32, 1e4, 1, batch_size=4), Stage(64, 1e5, 1, 2)))
+    monkeypatch.setitem(training.RECIPES, "retrieval", small)
+    assert main(["train", "--recipe", "retrieval", "--workdir", str(tmp_path / "r"), "--mesh", "sp=2",
+                 "--no-progress"]) == 0
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert (run["needle_fraction"], run["repeat_fraction"], run["save_every"]) == (0.5, 0.5, 200)
+    assert [s["batch_size"] for s in run["stages"]] == [4, 2]
+    assert [r["seq_len"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [32, 64]
+    assert main(["train", "--recipe", "retrieval", "--workdir", str(tmp_path / "s"), "--stages", "32:1e4:1",
+                 "--learning-rate", "1e-3"]) == 1
+    assert "--recipe retrieval sets --stages, --learning-rate: drop them" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
