@@ -9,6 +9,7 @@ from ring_attn import cost
 from ring_attn.attention import ring_attention
 from ring_attn.context import context_attention
 from ring_attn.decode import cache_positions, ring_cache_update, ring_decode
+from ring_attn.drop_in import dot_product_attention, flax_attention_fn
 from ring_attn.feedforward import blockwise_feedforward
 from ring_attn.layout import unzigzag, unzigzag_shard, zigzag, zigzag_shard
 from ring_attn.sharded import ring_attention_global
@@ -21,6 +22,8 @@ __all__ = [
     "cache_positions",
     "context_attention",
     "cost",
+    "dot_product_attention",
+    "flax_attention_fn",
     "ring_attention",
     "ring_attention_global",
     "ring_cache_update",

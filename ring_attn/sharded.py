@@ -1,6 +1,7 @@
 """`ring_attention_global`: ring attention on global arrays, given a mesh."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +12,31 @@ from ring_attn.layout import unzigzag_shard, zigzag_shard
 
 
 def ring_attention_global(
-    q, k, v, *, mesh, axis_name, segment_ids=None, sinks=None, layout="contiguous", check_vma=True, **kwargs
+    q, k, v, *, mesh, axis_name, batch_axes=(), segment_ids=None, sinks=None, layout="contiguous", check_vma=True,
+    **kwargs,
 ):
     """`ring_attention` on global arrays in natural order: q [B, L, N, H], k/v [B, Lk, K, H].
 
-    Builds the `shard_map` over `mesh` that shards the sequence axis over `axis_name` (other mesh
-    axes replicate). With `layout="zigzag"` it reorders the inputs into the zigzag layout and the
-    output back, inside the `shard_map` by moving half shards between devices. Any length works:
-    one that the ring size (2x for zigzag) does not divide is padded at the end, the padding masked
-    (it lies after every real query when causal; otherwise it gets a segment id of its own), and
-    the output sliced back. `sinks` [N] are replicated over the mesh. Other keyword arguments go to
-    `ring_attention`.
+    Builds the `shard_map` over `mesh` that shards the sequence axis over `axis_name` and the batch
+    over `batch_axes` (other mesh axes replicate). With `layout="zigzag"` it reorders the inputs
+    into the zigzag layout and the output back, inside the `shard_map` by moving half shards between
+    devices. Any length works: one that the ring size (2x for zigzag) does not divide is padded at
+    the end, the padding masked (it lies after every real query when causal; otherwise it gets a
+    segment id of its own), and the output sliced back. `sinks` [N] are replicated over the mesh.
+    Other keyword arguments go to `ring_attention`.
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(f"{axis_name=} is not an axis of the mesh, whose axes are {mesh.axis_names}")
     ring_size = mesh.shape[axis_name]
+    batch_axes = tuple(batch_axes)
+    if axis_name in batch_axes or any(a not in mesh.axis_names for a in batch_axes):
+        raise ValueError(
+            f"{batch_axes=} must name axes of the mesh {mesh.axis_names} other than the sequence's {axis_name=}"
+        )
+    batch_split = math.prod(mesh.shape[a] for a in batch_axes)
+    B = q.shape[0] if getattr(q, "ndim", 0) >= 1 else None
+    if B is not None and B % batch_split:
+        raise ValueError(f"the batch B={B} must be divisible by the {batch_split} devices of {batch_axes=}")
     multiple = 2 * ring_size if layout == "zigzag" else ring_size
     L = q.shape[1] if getattr(q, "ndim", 0) >= 2 else None
     padded = L is not None and any(getattr(x, "ndim", 0) >= 2 and x.shape[1] % multiple for x in (q, k, v))
@@ -39,7 +50,7 @@ def ring_attention_global(
         q, k, v, ids = jax.tree.map(lambda x: zigzag_shard(x, axis_name), (q, k, v, ids))
         return unzigzag_shard(attend(q, k, v, segment_ids=ids, sinks=sinks), axis_name)
 
-    seq = P(None, axis_name)
+    seq = P(batch_axes or None, axis_name)
     out = jax.shard_map(
         local,
         mesh=mesh,

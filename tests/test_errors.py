@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import random_qkv, ring_mesh
 from jax.sharding import PartitionSpec as P
@@ -79,6 +80,16 @@ def test_global_api_checks_the_mesh_axis():
         ring_attn.ring_attention_global(q, k, v, mesh=mesh, axis_name="ring")
     with pytest.raises(ValueError, match=r"its length 20 must be divisible by 8"):
         ring_attn.zigzag(jnp.zeros((1, 20)), 4)
+
+
+def test_global_api_checks_the_batch_axes():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "sp"))
+    with pytest.raises(ValueError, match=r"batch_axes=\('sp',\) must name axes of the mesh .* other than"):
+        ring_attn.ring_attention_global(q, k, v, mesh=mesh, axis_name="sp", batch_axes=("sp",))
+    with pytest.raises(ValueError, match=r"batch_axes=\('model',\) must name axes of the mesh"):
+        ring_attn.ring_attention_global(q, k, v, mesh=mesh, axis_name="sp", batch_axes=("model",))
+    with pytest.raises(ValueError, match=r"the batch B=2 must be divisible by the 4 devices of batch_axes=\('data',\)"):
+        ring_attn.ring_attention_global(q, k, v, mesh=mesh, axis_name="sp", batch_axes=("data",))
 
 
 @pytest.mark.parametrize(
