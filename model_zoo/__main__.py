@@ -93,7 +93,7 @@ def build_parser():
     train.add_argument("--recipe", choices=RECIPES, help=RECIPE_HELP)
     train.add_argument("--save-every", type=_positive_int, help="checkpoint period in steps (default 50)")
     train.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
-    train.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch")
+    train.add_argument("--batch-size", type=_positive_int, help="rows per batch (default 8)")
     train.add_argument("--tokens-per-batch", type=_positive_int,
                        help="rows per batch of each stage = this // its length, the same tokens in every batch")
     train.add_argument("--learning-rate", type=float, help="peak learning rate (default 3e-3)")
@@ -104,8 +104,10 @@ def build_parser():
     train.add_argument("--max-needles", type=_positive_int, default=1,
                        help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--init-from", type=pathlib.Path,
-                       help="start from the parameters of this workdir or model folder (fresh optimizer and schedule)")
+    train.add_argument("--init-from",
+                       help="start from the parameters of this workdir, model folder or shipped model (fresh optimizer "
+                            "and schedule); 'none': from scratch. Default for tiny without --stages or --recipe: "
+                            "lwm-tiny-retrieval, extended to 8192 tokens (4096 then 8192, rope_theta 3e5 then 1e6)")
     train.add_argument("--mesh", type=_mesh, default=(("sp", -1),),
                        help="axis sizes, e.g. dp=2,sp=4 or sp=2,uly=4 (default sp=all)")
     train.add_argument("--attention-strategy", choices=STRATEGIES, default="ring", help=STRATEGY_HELP)
@@ -127,7 +129,11 @@ def build_parser():
 
     needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
     needle.add_argument("--model", "--workdir", dest="model", required=True, help=MODEL_HELP)
-    needle.add_argument("--lengths", type=_number_list(int), default=[256, 512, 1024, 1536, 2048])
+    needle.add_argument("--lengths", type=_number_list(int),
+                        help="context lengths (default: 1/8, 1/4, 1/2, 3/4 and all of the model's positions)")
+    needle.add_argument("--positions", type=_positive_int,
+                        help="raise the model's positions to this many, with no training (to score a base model on "
+                             "the grid of a longer one)")
     needle.add_argument("--depths", type=_number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
     needle.add_argument("--trials", type=_positive_int, default=4, help="haystacks per cell")
     needle.add_argument("--needles", type=_positive_int, default=1, help="needles hidden")
@@ -168,7 +174,15 @@ def _train(args):
     argv = args.argv
     from model_zoo.config import preset
     from model_zoo.train import RECIPES as RECIPE_SETTINGS
-    from model_zoo.train import TINY_STAGES, Stage, TrainConfig, train, training_mesh
+    from model_zoo.train import (
+        TINY_BASE_MODEL,
+        TINY_EXTENSION_STAGES,
+        TINY_STAGES,
+        Stage,
+        TrainConfig,
+        train,
+        training_mesh,
+    )
 
     settings = dict(TRAIN_DEFAULTS)
     if args.recipe:
@@ -180,27 +194,41 @@ def _train(args):
         settings.update(recipe)
     settings.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
     model = preset(args.preset)
+    init_from = args.init_from
     if args.recipe:
         stages = settings["stages"]
     elif args.stages:
         stages = tuple(Stage(*s) for s in args.stages)
+    elif args.preset == "tiny" and init_from is None:  # the main job: extend the shipped model's context
+        init_from, stages = TINY_BASE_MODEL, TINY_EXTENSION_STAGES
     elif args.preset == "tiny":
         stages = TINY_STAGES
     else:
         raise ValueError(f"--stages is required for preset {args.preset!r} (only 'tiny' has default stages)")
     if args.steps:
         stages = _scale_steps(stages, args.steps)
+    given = {"--batch-size": args.batch_size, "--tokens-per-batch": args.tokens_per_batch}
+    rows_flags = [flag for flag, value in given.items() if value is not None]
+    if rows_flags and all(s.batch_size is not None for s in stages):
+        raise ValueError(
+            f"every stage of this run sets its own rows, so {rows_flags[0]} would change nothing: drop it, "
+            "or give --stages SEQ_LEN:ROPE_THETA:STEPS without ROWS"
+        )
     model = model.replace(max_position_embeddings=max(model.max_position_embeddings, max(s.seq_len for s in stages)),
                           attention_strategy=args.attention_strategy)
     cfg = TrainConfig(
-        model=model, stages=stages, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,
+        model=model, stages=stages, batch_size=args.batch_size or 8, tokens_per_batch=args.tokens_per_batch,
         learning_rate=settings["learning_rate"], needle_fraction=settings["needle_fraction"],
         repeat_fraction=settings["repeat_fraction"], copy_fraction=settings["copy_fraction"],
         max_needles=args.max_needles, seed=args.seed, save_every=settings["save_every"], keep_checkpoints=args.keep,
         mesh=args.mesh,
-        init_from=str(args.init_from) if args.init_from else None,
+        init_from=None if init_from == "none" else init_from,
     )
     training_mesh(cfg)  # refused here, before the workdir exists
+    if cfg.init_from is not None:
+        from model_zoo.shipped import resolve_model
+
+        resolve_model(cfg.init_from)
     _check_same_run(args.workdir, cfg)
     with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
         log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
@@ -298,21 +326,26 @@ def _eval_needle(args):
     if any(not 0 <= d <= 1 for d in args.depths):
         raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
     mesh, config, params = _load(args.model, args.mesh)
-    if max(args.lengths) > config.max_position_embeddings:
+    if args.positions:
+        config = config.replace(max_position_embeddings=args.positions)
+    positions = config.max_position_embeddings
+    lengths = args.lengths or [positions // 8, positions // 4, positions // 2, 3 * positions // 4, positions]
+    if max(lengths) > positions:
         raise ValueError(
-            f"--lengths up to {max(args.lengths)} exceed the model's {config.max_position_embeddings} positions"
+            f"--lengths up to {max(lengths)} exceed the model's {positions} positions "
+            "(--positions raises them, with no training)"
         )
 
     def report(length, depth, score, sample):
         print(f"context {length:>6}, depth {depth:.2f}: {score:.2f}   (first answer: {sample!r})", flush=True)
 
     with jax.set_mesh(mesh):
-        scores = evaluate_needles(params, config, lengths=args.lengths, depths=args.depths, trials=args.trials,
+        scores = evaluate_needles(params, config, lengths=lengths, depths=args.depths, trials=args.trials,
                                   num_needles=args.needles, num_asked=args.asked, seed=args.seed, on_cell=report)
-    print(format_table(scores, args.lengths, args.depths))
+    print(format_table(scores, lengths, args.depths))
     out = args.out or _needle_out(args.model)
-    save_results(out, np.asarray(scores), args.lengths, args.depths, trials=args.trials,
-                 num_needles=args.needles, num_asked=args.asked)
+    save_results(out, np.asarray(scores), lengths, args.depths, trials=args.trials,
+                 num_needles=args.needles, num_asked=args.asked, positions_raised_to=args.positions)
     print(f"wrote {out / 'needle.json'} and {out / 'needle.png'}")
 
 

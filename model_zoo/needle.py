@@ -65,8 +65,11 @@ def save_results(out_dir, scores, lengths, depths, **settings):
     for i in range(len(lengths)):
         for j in range(len(depths)):
             ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set(xlabel="needle depth", ylabel="context length (tokens)",
-           title=f"needle retrieval, {settings.get('num_needles', 1)} hidden / {settings.get('num_asked', 1)} asked")
+    title = f"needle retrieval, {settings.get('num_needles', 1)} hidden / {settings.get('num_asked', 1)} asked"
+    title += f": {scores.mean():.2f}"
+    if settings.get("positions_raised_to"):
+        title += f"\npositions raised to {settings['positions_raised_to']}, no training"
+    ax.set(xlabel="needle depth", ylabel="context length (tokens)", title=title)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     fig.savefig(out_dir / "needle.png", dpi=120)

@@ -24,6 +24,7 @@ from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import check_max_needles, check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
 from model_zoo.sharding import batch_sharding, check_mesh_shapes, make_mesh, param_shardings
+from model_zoo.shipped import resolve_model
 
 
 class TrainingError(RuntimeError):
@@ -48,8 +49,13 @@ class Stage:
             raise ValueError(f"Stage.rope_theta must be > 1, got {self.rope_theta!r}")
 
 
-# TINY's progressive context: 512 tokens, then 2048 with theta raised, as LWM grows its context.
+# TINY from scratch (`--init-from none`): 512 tokens, then 2048 with theta raised.
 TINY_STAGES = (Stage(512, 1e4, 250), Stage(2048, 1e5, 50))
+# TINY's main job extends a trained model's context as LWM extends LLaMA-2's: from the shipped
+# 2048-token retrieval model, 40 steps of 4 x 4096 tokens at rope_theta 3e5, then 60 of 2 x 8192
+# at 1e6, every batch 16K tokens, half the rows needle questions so retrieval carries over.
+TINY_BASE_MODEL = "lwm-tiny-retrieval"
+TINY_EXTENSION_STAGES = (Stage(4096, 3e5, 40, batch_size=4), Stage(8192, 1e6, 60, batch_size=2))
 # Named recipes for `train --recipe`: TrainConfig fields. "retrieval": the TINY model to needle
 # retrieval up to 2048 tokens (half the rows needle questions, half repeated passages; the copy
 # circuit forms at 256 tokens, then a 2048-token stage carries it to the full length).
@@ -81,7 +87,7 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     mesh: tuple = (("sp", -1),)  # mesh axis sizes, see model_zoo.sharding.make_mesh
-    init_from: str | None = None  # a workdir or model folder whose parameters start a fresh run
+    init_from: str | None = None  # a workdir, model folder or shipped model whose parameters start a fresh run
 
     def __post_init__(self):
         if not self.stages:
@@ -229,7 +235,7 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
 def _initial_params(cfg, mesh, template):
     """The parameters of `cfg.init_from`, as LWM starts each context stage from the one before it.
     Only their shapes must match the model's (rope_theta and the context length may differ)."""
-    _, params = load_model(cfg.init_from, mesh=mesh)
+    _, params = load_model(resolve_model(cfg.init_from), mesh=mesh)
     shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
     expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), template)
     if shapes != expected:

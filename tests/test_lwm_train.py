@@ -124,20 +124,26 @@ def test_bad_settings_are_named(tmp_path, capsys):
     assert "unknown preset 'huge'" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "b"), "--mesh", "sp=16"]) == 1
     assert "needs 16 devices, 8 are available" in capsys.readouterr().err
-    assert main(["train", "--workdir", str(tmp_path / "e"), "--batch-size", "3", "--mesh", "dp=2,sp=4"]) == 1
+    assert main(["train", "--workdir", str(tmp_path / "e"), "--init-from", "none", "--batch-size", "3",
+                 "--mesh", "dp=2,sp=4"]) == 1
     assert "batch_size=3 must be divisible by dp*fsdp=2" in capsys.readouterr().err
+    # The main job's stages set their own rows: a rows flag would change nothing, so it is refused.
+    assert main(["train", "--workdir", str(tmp_path / "j"), "--batch-size", "3"]) == 1
+    assert "every stage of this run sets its own rows, so --batch-size would change nothing" in capsys.readouterr().err
     # A stage that does not split over the ring is refused before training, naming the stage and
     # the axis, and a refused run leaves no workdir behind.
     assert main(["train", "--workdir", str(tmp_path / "f"), "--mesh", "sp=3"]) == 1
-    assert "stage 1 (512 tokens) on the mesh" in (err := capsys.readouterr().err)
-    assert "sequence length 512 must be divisible by the 3 devices it lies over (sp=3 x uly=1)" in err
+    assert "stage 1 (4096 tokens) on the mesh" in (err := capsys.readouterr().err)
+    assert "sequence length 4096 must be divisible by the 3 devices it lies over (sp=3 x uly=1)" in err
+    assert main(["train", "--workdir", str(tmp_path / "i"), "--init-from", str(tmp_path / "nowhere")]) == 1
+    assert "is neither a folder nor a shipped model" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "g"), "--mesh", "sp=0"]) == 1
     assert "mesh axis sp must be a positive int or -1, got 0" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path / "h"), "--mesh", "sp=4,uly=2"]) == 1
     assert "a mesh with uly=2 runs attention as Ulysses inside the ring: attention_strategy must be" in (
         capsys.readouterr().err
     )
-    for refused in "abefgh":
+    for refused in "abefghij":
         assert not (tmp_path / refused).exists(), f"a refused run left {tmp_path / refused} behind"
     assert main(["train", "--workdir", str(tmp_path / "c"), "--learning-rate", "5"]) == 1
     assert "learning_rate must be in (0, 1), got 5.0" in capsys.readouterr().err
@@ -187,3 +193,20 @@ def test_recipes_are_named_once_for_the_command_line_and_checked(tmp_path, capsy
                  "--learning-rate", "1e-3"]) == 1
     assert "--recipe retrieval sets --stages, --learning-rate: drop them" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_main_job_extends_the_shipped_model_and_none_trains_from_scratch(tmp_path, monkeypatch):
+    import model_zoo.train as training
+
+    # The main job's stages shrunk to one step each; its start, theta and rows reach the run.
+    monkeypatch.setattr(training, "TINY_EXTENSION_STAGES", (Stage(64, 3e5, 1, batch_size=4), Stage(128, 1e6, 1, 2)))
+    monkeypatch.setattr(training, "TINY_STAGES", (Stage(64, 1e4, 1), Stage(128, 1e5, 1)))
+    for name, init in (("extend", []), ("scratch", ["--init-from", "none"])):
+        assert main(["train", "--workdir", str(tmp_path / name), "--mesh", "sp=2", "--no-progress", *init]) == 0
+    extended = json.loads((tmp_path / "extend" / "run.json").read_text())
+    assert extended["init_from"] == "lwm-tiny-retrieval"
+    assert [(s["rope_theta"], s["batch_size"]) for s in extended["stages"]] == [(3e5, 4), (1e6, 2)]
+    assert json.loads((tmp_path / "scratch" / "run.json").read_text())["init_from"] is None
+    first_loss = {name: read_metrics(tmp_path / name / "metrics.jsonl")[0]["loss"] for name in ("extend", "scratch")}
+    # A trained model starts far below the untrained one's log(vocab) = 6.9.
+    assert first_loss["extend"] < 4.0 < 6.0 < first_loss["scratch"], first_loss
