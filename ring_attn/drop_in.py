@@ -14,6 +14,7 @@ from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
 import pallas_kernels
@@ -89,6 +90,8 @@ def dot_product_attention(
     S = key.shape[1] if getattr(key, "ndim", 0) == 4 else None
     causal, window = _window(bool(is_causal), local_window_size)
     segment_ids = _segment_ids(query_seq_lengths, key_value_seq_lengths, B, T, S)
+    if isinstance(scale, np.generic):  # jax.nn takes a NumPy scalar too; ring_attention a Python number
+        scale = scale.item()
     options = dict(causal=causal, window=window, scale=scale, impl=impl)
     if axis_name is None:
         out = ring_attention(query, key, value, segment_ids=segment_ids, **options)
@@ -237,7 +240,7 @@ def _batch_axes(x, mesh, axis_name):
     if spec is not None:
         entry = spec[0] if len(spec) else None
         entry = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        return tuple(a for a in entry if a != axis_name)
+        return tuple(a for a in entry if a != axis_name and a in mesh.axis_names)
     axes, size = [], 1
     for name in mesh.axis_names:
         if name != axis_name and mesh.shape[name] > 1 and x.shape[0] % (size * mesh.shape[name]) == 0:

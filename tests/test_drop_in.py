@@ -46,6 +46,7 @@ CASES = [
      dict(key_value_seq_lengths=lengths(30, 11))),
     ("cross attention, other key length", (2, 32, 4, 4, 32, 48), dict()),
     ("custom scale", (2, 64, 4, 4, 32, None), dict(is_causal=True, scale=0.37)),
+    ("custom scale as a NumPy scalar", (2, 32, 4, 4, 16, None), dict(scale=np.float32(0.29))),
 ]
 
 
