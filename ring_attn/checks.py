@@ -84,7 +84,8 @@ def check_layout(layout):
         raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
 
 
-def _checked_ids(name, ids, shape, dims):
+def checked_int_array(name, ids, shape, dims):
+    """`ids` as int32, checked to be an integer array of `shape` (named `dims` in the message)."""
     if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
         raise ValueError(f"{name} must be an integer array, got {type(ids).__name__}")
     if tuple(ids.shape) != shape:
@@ -102,15 +103,15 @@ def split_segment_ids(segment_ids, B, T, S):
         if len(segment_ids) != 2:
             raise ValueError(f"segment_ids as a sequence must be a pair (q_ids, kv_ids), got {len(segment_ids)} items")
         return (
-            _checked_ids("q_segment_ids", segment_ids[0], (B, T), "[B, T]"),
-            _checked_ids("kv_segment_ids", segment_ids[1], (B, S), "[B, S]"),
+            checked_int_array("q_segment_ids", segment_ids[0], (B, T), "[B, T]"),
+            checked_int_array("kv_segment_ids", segment_ids[1], (B, S), "[B, S]"),
         )
     if T != S:
         raise ValueError(
             f"segment_ids [B, T] is for self-attention (T == S), got {T=} and {S=}: "
             "pass a pair (q_segment_ids, kv_segment_ids)"
         )
-    ids = _checked_ids("segment_ids", segment_ids, (B, T), "[B, T]")
+    ids = checked_int_array("segment_ids", segment_ids, (B, T), "[B, T]")
     return ids, ids
 
 

@@ -20,6 +20,7 @@ from jax.sharding import AxisType, NamedSharding
 import pallas_kernels
 from pallas_kernels import IMPLS
 from ring_attn.attention import ring_attention
+from ring_attn.checks import checked_int_array
 from ring_attn.sharded import ring_attention_global
 
 # The options `flax_attention_fn` passes on to `dot_product_attention` for every call.
@@ -107,8 +108,6 @@ def dot_product_attention(
                 f"{axis_name=} is already a manual axis (inside jax.shard_map), where arrays are local shards: "
                 "call ring_attn.ring_attention on them there"
             )
-        if axis_name not in mesh.axis_names:
-            raise ValueError(f"{axis_name=} is not an axis of the mesh in context, whose axes are {mesh.axis_names}")
         kernel = pallas_kernels.resolve_impl(impl)
         out = ring_attention_global(
             query, key, value, mesh=mesh, axis_name=axis_name, batch_axes=_batch_axes(query, mesh, axis_name),
@@ -202,14 +201,6 @@ def _window(is_causal, local_window_size):
     )
 
 
-def _lengths(name, lengths, B):
-    if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
-        raise ValueError(f"{name} must be an integer array [B] = ({B},), got {type(lengths).__name__}")
-    if tuple(lengths.shape) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array [B] = ({B},), got {lengths.dtype}{list(lengths.shape)}")
-    return jnp.asarray(lengths, jnp.int32)[:, None]
-
-
 def _segment_ids(query_seq_lengths, key_value_seq_lengths, B, T, S):
     """Sequence lengths as segment ids (q_ids [B, T], kv_ids [B, S]), or None: 0 where valid, and
     padding ids that match nothing (queries 1, keys 2), so a padded query sees no key and returns 0."""
@@ -220,9 +211,11 @@ def _segment_ids(query_seq_lengths, key_value_seq_lengths, B, T, S):
     q_ids = jnp.zeros((B, T), jnp.int32)
     kv_ids = jnp.zeros((B, S), jnp.int32)
     if query_seq_lengths is not None:
-        q_ids = jnp.where(jnp.arange(T) < _lengths("query_seq_lengths", query_seq_lengths, B), 0, 1)
+        lengths = checked_int_array("query_seq_lengths", query_seq_lengths, (B,), "[B]")
+        q_ids = jnp.where(jnp.arange(T) < lengths[:, None], 0, 1)
     if key_value_seq_lengths is not None:
-        kv_ids = jnp.where(jnp.arange(S) < _lengths("key_value_seq_lengths", key_value_seq_lengths, B), 0, 2)
+        lengths = checked_int_array("key_value_seq_lengths", key_value_seq_lengths, (B,), "[B]")
+        kv_ids = jnp.where(jnp.arange(S) < lengths[:, None], 0, 2)
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 
