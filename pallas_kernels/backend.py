@@ -1,14 +1,20 @@
-"""Which kernel runs the per-shard compute, decided at call time, never at import.
+"""Which kernel runs the per-shard compute: decided for the platform the program is compiled
+for, never at import and never by `jax.default_backend()` alone.
 
 Two vocabularies: `Impl`, what a caller asks for ("auto", "pallas", a kernel family or "xla"),
 and `Kernel`, what runs (a family, compiled or interpreted), which `resolve_impl` derives from
-an `Impl` and the default backend.
+an `Impl` and a platform. `kernels_for(impl)` gives a `PerPlatform` choice of kernels, which
+`PerPlatform.dispatch` turns into `lax.platform_dependent` branches where the platforms differ.
 """
 
+import dataclasses
 import enum
-from typing import Literal
+import functools
+from collections.abc import Callable
+from typing import Generic, Literal, TypeVar
 
 import jax
+from jax import lax
 
 from pallas_kernels import (
     attention_mgpu,
@@ -46,8 +52,8 @@ class Kernel(enum.Enum):
         return self in (Kernel.TRITON, Kernel.TRITON_INTERPRET, Kernel.MGPU, Kernel.MGPU_INTERPRET)
 
 
-def resolve_impl(impl: Impl) -> Kernel:
-    """The kernel that `impl` names on the default backend, decided now.
+def resolve_impl(impl: Impl, platform: str | None = None) -> Kernel:
+    """The kernel that `impl` names on `platform` ("cpu", "gpu", "tpu"; None: `target_platform()`).
 
     "auto": the Pallas kernels on GPU (Triton lowering) and TPU (Mosaic), the portable jnp path
     ("xla") on CPU. "pallas": the Pallas kernels of this backend; on CPU, the GPU kernels in
@@ -57,7 +63,7 @@ def resolve_impl(impl: Impl) -> Kernel:
     interpret mode elsewhere; 16-bit inputs only. Neither "auto" nor "pallas" chooses it (see the
     README's backend table for why).
     """
-    platform = jax.default_backend()
+    platform = target_platform() if platform is None else platform
     match impl:
         case "xla":
             return Kernel.XLA
@@ -73,6 +79,63 @@ def resolve_impl(impl: Impl) -> Kernel:
             return Kernel.TPU if platform == "tpu" else Kernel.TPU_INTERPRET
         case _:
             raise ValueError(f"unknown {impl=}; expected one of {IMPLS}")
+
+
+T = TypeVar("T")
+
+# lax.platform_dependent's names for the platforms with their own kernels, and the family each is.
+_LOWERING_PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def target_platform() -> str:
+    """The platform a call being traced now will be compiled for, as far as tracing can know:
+    that of the mesh in context's devices (abstract H100s or TPU chips on a CPU host compile for
+    those), else the default backend's. "any" under a mesh with no devices (an `AbstractMesh`,
+    as `jax.export` for several platforms uses): each platform then gets its own kernels."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        device = getattr(mesh, "abstract_device", None)
+        return "any" if device is None else device.platform
+    return jax.default_backend()
+
+
+@dataclasses.dataclass(frozen=True)
+class PerPlatform(Generic[T]):
+    """A value for each platform a program may be lowered for: `default`, except on the
+    `lax.platform_dependent` platforms listed in `others`. Hashable when the values are."""
+
+    default: T
+    others: tuple[tuple[str, T], ...] = ()
+
+    def map(self, fn: Callable[[T], object]) -> "PerPlatform":
+        return PerPlatform(fn(self.default), tuple((p, fn(v)) for p, v in self.others))
+
+    def values(self) -> tuple:
+        return (self.default, *(v for _, v in self.others))
+
+    def dispatch(self, fn: Callable, *args):
+        """`fn(value, *args)` with the value of the platform being lowered for: traced once per
+        distinct value, as `lax.platform_dependent` branches, of which lowering keeps only its
+        platform's (no branch at all when every platform has the same value)."""
+        others = [(p, v) for p, v in self.others if v != self.default]
+        if not others:
+            return fn(self.default, *args)
+        branches = {}  # one callable per distinct value: platform_dependent merges equal branches
+        branch = lambda v: branches.setdefault(v, functools.partial(fn, v))  # noqa: E731
+        return lax.platform_dependent(*args, default=branch(self.default), **{p: branch(v) for p, v in others})
+
+
+def kernels_for(impl: Impl) -> PerPlatform[Kernel]:
+    """The kernel `impl` names for the platform being compiled for (`target_platform`): one, or
+    under a mesh with no devices, one per platform (the CPU's as the default)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown {impl=}; expected one of {IMPLS}")
+    target = target_platform()
+    if target != "any":
+        return PerPlatform(resolve_impl(impl, target))
+    return PerPlatform(
+        resolve_impl(impl, "cpu"), tuple((p, resolve_impl(impl, family)) for p, family in _LOWERING_PLATFORMS.items())
+    )
 
 
 def attention_fwd(q, k, v, *, impl: Kernel, **kwargs):
@@ -115,14 +178,20 @@ def feedforward(x, w_gate, w_up, w_down, *, impl: Impl | Kernel, chunk_size):
     """SwiGLU of x [B, L, D] a chunk of tokens at a time; `impl` is a user-facing `Impl` or a
     resolved `Kernel`.
 
-    "xla", and "auto" on every backend: the jnp chunks under `jax.checkpoint` (XLA's own matmuls;
+    "xla", and "auto" on every platform: the jnp chunks under `jax.checkpoint` (XLA's own matmuls;
     "auto" moves to the fused kernels where a measurement shows them faster). "pallas",
     "pallas_triton", "pallas_tpu" (resolved as `resolve_impl` does): the fused Pallas kernels over
     the B * L tokens flattened, with `chunk_size` as the token tile, rounded to what the kernel
     family accepts. "pallas_mgpu" (an attention kernel; there is no Mosaic GPU feedforward): the
     Triton feedforward.
     """
-    kernel = impl if isinstance(impl, Kernel) else resolve_impl("xla" if impl == "auto" else impl)
+    if not isinstance(impl, Kernel):
+        kernels = kernels_for("xla" if impl == "auto" else impl)
+        return kernels.dispatch(functools.partial(_feedforward, chunk_size=chunk_size), x, w_gate, w_up, w_down)
+    return _feedforward(impl, x, w_gate, w_up, w_down, chunk_size=chunk_size)
+
+
+def _feedforward(kernel, x, w_gate, w_up, w_down, *, chunk_size):
     kernel = {Kernel.MGPU: Kernel.TRITON, Kernel.MGPU_INTERPRET: Kernel.TRITON_INTERPRET}.get(kernel, kernel)
     if kernel == Kernel.XLA:
         return feedforward_xla.feedforward(x, w_gate, w_up, w_down, chunk_size=chunk_size)

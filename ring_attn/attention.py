@@ -58,9 +58,11 @@ def ring_attention(
       layout: how the global sequence lies on the ring, "contiguous" or "zigzag"
         (see `ring_attn.zigzag`); zigzag balances causal work across devices.
       block_sizes: kernel tiles; None picks divisors of the local lengths.
-      impl: "auto" chooses at call time from the default backend: the Pallas kernels on GPU
-        (Triton lowering) and TPU (Mosaic), the portable jnp path ("xla") on CPU. "pallas": this
-        backend's Pallas kernels (on CPU, the GPU kernels in interpret mode). "pallas_triton" /
+      impl: chosen for the platform the program is compiled for (that of the mesh's devices,
+        else the default backend; each platform's own under a mesh with no devices, as for a
+        multi-platform `jax.export`). "auto": the Pallas kernels on GPU (Triton lowering) and
+        TPU (Mosaic), the portable jnp path ("xla") on CPU. "pallas": the platform's Pallas
+        kernels (on CPU, the GPU kernels in interpret mode). "pallas_triton" /
         "pallas_tpu": that kernel family, interpreted off its own backend. "pallas_mgpu": the
         Mosaic GPU (Hopper: wgmma, TMA) forward and backward, interpreted off a GPU; 16-bit inputs
         only, and not chosen by "auto" / "pallas" (the README says when it will be).
@@ -74,15 +76,16 @@ def ring_attention(
     S = k.shape[1]
     q_seg, kv_seg = split_segment_ids(segment_ids, B, T, S)
     check_layout(layout)
-    impl = pallas_kernels.resolve_impl(impl)
+    kernels = pallas_kernels.kernels_for(impl)
     ring_size, _ = ring_position(axis_name)
-    if impl == Kernel.MGPU_INTERPRET and ring_size > 1:
+    if Kernel.MGPU_INTERPRET in kernels.values() and ring_size > 1:
         raise NotImplementedError(
             f"impl='pallas_mgpu' runs the Mosaic GPU kernel in interpret mode on this backend, which in this "
             f"JAX simulates one device at a time and cannot run a ring of {ring_size}: use impl='pallas_triton' "
             "(or 'xla') for a ring off the GPU, or run on a GPU"
         )
-    if impl.gpu and impl.interpreted and axis_name is not None and jax.typeof(q).manual_axis_type.varying:
+    interpreted_gpu = any(kernel.gpu and kernel.interpreted for kernel in kernels.values())
+    if interpreted_gpu and axis_name is not None and jax.typeof(q).manual_axis_type.varying:
         raise NotImplementedError(
             "the Pallas GPU kernels run in interpret mode on this backend, which JAX cannot run inside "
             "jax.shard_map with check_vma=True: pass check_vma=False to jax.shard_map (or to "
@@ -110,9 +113,10 @@ def ring_attention(
     check_block_sizes(block_sizes)
     sinks = checked_sinks(sinks, N, q)
     tiled_T, tiled_S = (T // 2, S // 2) if layout == "zigzag" else (T, S)
-    spec = RingSpec(
+    options = dict(
         axis_name=axis_name, causal=bool(causal), window=window, scale=checked_scale(scale, H),
-        logit_soft_cap=checked_soft_cap(logit_soft_cap), layout=layout, impl=impl,
+        logit_soft_cap=checked_soft_cap(logit_soft_cap), layout=layout,
         block_sizes=pallas_kernels.fit_block_sizes(block_sizes, tiled_T, tiled_S),
     )
-    return ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, spec)
+    specs = kernels.map(lambda kernel: RingSpec(impl=kernel, **options))
+    return ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, specs)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels
-from pallas_kernels import BlockSizes, Impl, Kernel
+from pallas_kernels import BlockSizes, Impl
 from pallas_kernels.common import offsets_operand
 from ring_attn import cost
 from ring_attn.attention import ring_attention
@@ -145,7 +145,7 @@ class _LocalSpec:
     window: int | None
     scale: float
     logit_soft_cap: float | None
-    impl: Kernel
+    kernels: pallas_kernels.PerPlatform  # of Kernel
     block_sizes: BlockSizes
 
 
@@ -158,16 +158,17 @@ def _attend(q, k, v, q_seg, kv_seg, sinks, offsets, spec):
 
 def _kernel_args(q_seg, kv_seg, offsets, spec):
     return dict(
-        impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap, causal=spec.causal,
+        scale=spec.scale, logit_soft_cap=spec.logit_soft_cap, causal=spec.causal,
         window=spec.window, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=offsets[0], kv_offset=offsets[1],
     )
 
 
 def _attend_fwd(q, k, v, q_seg, kv_seg, sinks, offsets, spec):
     blocks = spec.block_sizes
-    out, lse = pallas_kernels.attention_fwd(
-        q, k, v, block_q=blocks.block_q, block_kv=blocks.block_kv, **_kernel_args(q_seg, kv_seg, offsets, spec)
-    )
+    out, lse = spec.kernels.dispatch(lambda kernel: pallas_kernels.attention_fwd(
+        q, k, v, impl=kernel, block_q=blocks.block_q, block_kv=blocks.block_kv,
+        **_kernel_args(q_seg, kv_seg, offsets, spec),
+    ))
     if sinks is not None:
         out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
@@ -178,10 +179,10 @@ def _attend_bwd(spec, residuals, d_out):
     q, k, v, q_seg, kv_seg, sinks, offsets, out, lse = residuals
     blocks = spec.block_sizes
     delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    dq, dk, dv = pallas_kernels.attention_bwd(
-        q, k, v, None, lse, d_out, delta=delta, block_q=blocks.block_q_dkv, block_kv=blocks.block_kv_dkv,
-        **_kernel_args(q_seg, kv_seg, offsets, spec),
-    )
+    dq, dk, dv = spec.kernels.dispatch(lambda kernel: pallas_kernels.attention_bwd(
+        q, k, v, None, lse, d_out, impl=kernel, delta=delta, block_q=blocks.block_q_dkv,
+        block_kv=blocks.block_kv_dkv, **_kernel_args(q_seg, kv_seg, offsets, spec),
+    ))
     d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks, None
 
@@ -192,10 +193,9 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def _local_spec(T, S, *, causal, window, scale, logit_soft_cap, block_sizes, impl, H):
     check_window(window)
     check_block_sizes(block_sizes)
-    kernel = pallas_kernels.resolve_impl(impl)
     return _LocalSpec(
         causal=bool(causal), window=window, scale=checked_scale(scale, H),
-        logit_soft_cap=checked_soft_cap(logit_soft_cap), impl=kernel,
+        logit_soft_cap=checked_soft_cap(logit_soft_cap), kernels=pallas_kernels.kernels_for(impl),
         block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
     )
 

@@ -108,12 +108,12 @@ def dot_product_attention(
                 f"{axis_name=} is already a manual axis (inside jax.shard_map), where arrays are local shards: "
                 "call ring_attn.ring_attention on them there"
             )
-        kernel = pallas_kernels.resolve_impl(impl)
+        kernels = pallas_kernels.kernels_for(impl)
         out = ring_attention_global(
             query, key, value, mesh=mesh, axis_name=axis_name, batch_axes=_batch_axes(query, mesh, axis_name),
             segment_ids=segment_ids, layout="zigzag" if causal and window is None else "contiguous",
             # JAX cannot interpret the GPU kernels under the vma check (ring_attention says so)
-            check_vma=not (kernel.gpu and kernel.interpreted),
+            check_vma=not any(kernel.gpu and kernel.interpreted for kernel in kernels.values()),
             **options,
         )
     return out[0] if rank == 3 else out

@@ -246,7 +246,7 @@ class _Plan:
         )
 
 
-def _forward(q, k, v, q_seg, kv_seg, spec):
+def _forward(spec, q, k, v, q_seg, kv_seg):
     plan = _Plan(spec, q_seg, kv_seg, q.shape[1], k.shape[1])
     shard_fwd = functools.partial(
         pallas_kernels.attention_fwd, impl=spec.impl, scale=spec.scale, logit_soft_cap=spec.logit_soft_cap,
@@ -322,18 +322,24 @@ def backward(spec, residuals, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, spec):
-    """Ring attention on validated local shards; see `ring_attn.ring_attention`. `sinks` (or
-    None) must vary over every mesh axis q varies over (`pallas_kernels.match_vma`)."""
-    return _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, spec)[0]
+def ring_attention_shard(q, k, v, q_seg, kv_seg, sinks, specs):
+    """Ring attention on validated local shards; see `ring_attn.ring_attention`. `specs` is a
+    `pallas_kernels.PerPlatform` of `RingSpec`s, one per kernel (the platform being compiled for
+    picks). `sinks` (or None) must vary over every mesh axis q varies over
+    (`pallas_kernels.match_vma`)."""
+    return _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, specs)[0]
 
 
-def _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, spec):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, spec)
+def _ring_attention_fwd(q, k, v, q_seg, kv_seg, sinks, specs):
+    out, lse = specs.dispatch(_forward, q, k, v, q_seg, kv_seg)
     if sinks is not None:
         out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
     return out, (q, k, v, q_seg, kv_seg, sinks, out, lse)
 
 
-ring_attention_shard.defvjp(_ring_attention_fwd, backward)
+def _ring_attention_bwd(specs, residuals, d_out):
+    return specs.dispatch(backward, residuals, d_out)
+
+
+ring_attention_shard.defvjp(_ring_attention_fwd, _ring_attention_bwd)

@@ -74,8 +74,8 @@ def ring_attention_remote_dma(
       causal, segment_ids, scale, block_sizes, logit_soft_cap, sinks: as for `ring_attn.ring_attention`.
       layout: only "contiguous"; "zigzag" raises NotImplementedError.
       window: only None; a sliding window raises NotImplementedError.
-      interpret: None compiles for TPU when the default backend is a TPU and runs the kernels in
-        TPU interpret mode (`pltpu.InterpretParams()`) elsewhere; False compiles for TPU; a
+      interpret: None compiles for TPU when the program is compiled for a TPU and runs the
+        kernels in TPU interpret mode (`pltpu.InterpretParams()`) elsewhere; False compiles for TPU; a
         `pltpu.InterpretParams` runs the forward with it (the backward's kernels interpret with
         the defaults).
 
@@ -103,27 +103,29 @@ def ring_attention_remote_dma(
         raise ValueError(f"causal ring attention needs equal local query and key lengths, got {T=} and {S=}")
     check_block_sizes(block_sizes)
     sinks = checked_sinks(sinks, N, q)
-    interpret = _resolve_interpret(interpret)
-    spec = _Spec(
-        ring.RingSpec(
-            axis_name=axis_name, causal=bool(causal), window=None, scale=checked_scale(scale, H),
-            logit_soft_cap=checked_soft_cap(logit_soft_cap), layout="contiguous",
-            impl=Kernel.TPU if interpret is None else Kernel.TPU_INTERPRET,
-            block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
-        ),
-        interpret,
+    options = dict(
+        axis_name=axis_name, causal=bool(causal), window=None, scale=checked_scale(scale, H),
+        logit_soft_cap=checked_soft_cap(logit_soft_cap), layout="contiguous",
+        block_sizes=pallas_kernels.fit_block_sizes(block_sizes, T, S),
     )
-    return _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, spec)
+    specs = _interpret_per_platform(interpret).map(lambda interpret: _Spec(
+        ring.RingSpec(impl=Kernel.TPU if interpret is None else Kernel.TPU_INTERPRET, **options), interpret,
+    ))
+    return _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, specs)
 
 
-def _resolve_interpret(interpret):
-    """None to compile for TPU, or the `InterpretParams` to run the kernels with."""
+def _interpret_per_platform(interpret):
+    """Per platform, None to compile for TPU or the `InterpretParams` to run the kernels with.
+    None asks for TPU kernels where the program is compiled for a TPU, the interpreter elsewhere."""
     if interpret is None:
-        return None if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+        target = pallas_kernels.target_platform()
+        if target == "any":
+            return pallas_kernels.PerPlatform(pltpu.InterpretParams(), (("tpu", None),))
+        return pallas_kernels.PerPlatform(None if target == "tpu" else pltpu.InterpretParams())
     if interpret is False:
-        return None
+        return pallas_kernels.PerPlatform(None)
     if isinstance(interpret, pltpu.InterpretParams):
-        return interpret
+        return pallas_kernels.PerPlatform(interpret)
     raise ValueError(
         "interpret must be None (TPU interpret mode off TPU), False (compile for TPU) or a "
         f"jax.experimental.pallas.tpu.InterpretParams, got {interpret!r}: remote DMA needs the "
@@ -140,7 +142,7 @@ class _Spec:
     interpret: pltpu.InterpretParams | None
 
 
-def _forward(q, k, v, q_seg, kv_seg, spec):
+def _forward(spec, q, k, v, q_seg, kv_seg):
     """float32 (out [B, T, N, H], lse [B, N, T]) over the whole ring."""
     rs = spec.ring
     ring_size, rank = ring_position(rs.axis_name)
@@ -177,20 +179,20 @@ def _forward(q, k, v, q_seg, kv_seg, spec):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, spec):
-    return _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, spec)[0]
+def _remote_dma_ring(q, k, v, q_seg, kv_seg, sinks, specs):
+    return _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, specs)[0]
 
 
-def _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, spec):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, spec)
+def _remote_dma_ring_fwd(q, k, v, q_seg, kv_seg, sinks, specs):
+    out, lse = specs.dispatch(_forward, q, k, v, q_seg, kv_seg)
     if sinks is not None:
         out, lse = pallas_kernels.fold_sinks(out, lse, sinks)
     out = out.astype(q.dtype)
     return out, (q, k, v, q_seg, kv_seg, sinks, out, lse)
 
 
-def _remote_dma_ring_bwd(spec, residuals, d_out):
-    return ring.backward(spec.ring, residuals, d_out)
+def _remote_dma_ring_bwd(specs, residuals, d_out):
+    return specs.map(lambda spec: spec.ring).dispatch(ring.backward, residuals, d_out)
 
 
 _remote_dma_ring.defvjp(_remote_dma_ring_fwd, _remote_dma_ring_bwd)
