@@ -1,4 +1,4 @@
-"""python -m model_zoo {train, generate, eval-needle, convert}: the model zoo's command line."""
+"""python -m model_zoo {train, generate, eval-needle, export, convert, plan}: the model zoo's command line."""
 
 import argparse
 import json
@@ -147,6 +147,21 @@ def build_parser():
     export.add_argument("--workdir", required=True, type=pathlib.Path, help="a training workdir, eval-needle run on it")
     export.add_argument("--out", required=True, type=pathlib.Path)
 
+    plan = commands.add_parser(
+        "plan", help="compile the training step for GPUs or TPUs that are not here (the aot extra): memory per chip"
+    )
+    plan.add_argument("--preset", default="lwm-7b", help="a model preset (model_zoo.config.PRESETS)")
+    length = plan.add_mutually_exclusive_group(required=True)
+    length.add_argument("--seq-len", type=_positive_int, help="tokens in a training row")
+    length.add_argument("--max-seq-len", action="store_true",
+                        help="the longest power-of-two length from 32768 whose step fits")
+    plan.add_argument("--topology", required=True,
+                      help="'v5p:4x4x4' (TPU v5p chips), 'h100:8' (one host), 'h100:4x8' (hosts x GPUs)")
+    plan.add_argument("--mesh", type=_mesh, default=None,
+                      help="e.g. 'sp=32,tp=2' (axes left out are 1; default: sp = every chip, parameters "
+                           "and optimizer state sharded over it)")
+    plan.add_argument("--batch-size", type=_positive_int, default=None, help="rows a step (default: dp*fsdp)")
+
     convert = commands.add_parser("convert", help="Hugging Face LLaMA folder -> model folder")
     convert.add_argument("hf_dir", type=pathlib.Path)
     convert.add_argument("out_dir", type=pathlib.Path)
@@ -162,12 +177,40 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.cpu_devices}".strip()
     try:
         commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "export": _export,
-                    "convert": _convert}
+                    "convert": _convert, "plan": _plan}
         commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plan(args):
+    import jax
+
+    from model_zoo import plan
+    from model_zoo.config import preset
+
+    if jax.default_backend() != "cpu":
+        raise RuntimeError("plan compiles for other chips from a CPU host: run it with JAX_PLATFORMS=cpu")
+    model = preset(args.preset)
+    mesh = None if args.mesh is None else {**{a: 1 for a in ("dp", "fsdp", "tp", "uly")}, "sp": 1, **dict(args.mesh)}
+    if args.max_seq_len:
+        longest, result = plan.max_seq_len(model, topology=args.topology, mesh_axes=mesh, batch_size=args.batch_size)
+        if result is None:
+            raise ValueError(f"not even 32,768 tokens of {args.preset} fit on {args.topology}")
+        print(f"longest power-of-two context that fits: {longest:,} tokens")
+    else:
+        result = plan.plan(model, seq_len=args.seq_len, topology=args.topology, mesh_axes=mesh,
+                           batch_size=args.batch_size)
+    print(result.report())
+    print("compiled by XLA for the target without the hardware; nothing ran")
+    if not result.fits:
+        raise ValueError(
+            f"{args.seq_len:,} tokens of {args.preset} need {result.total_bytes / 2**30:.2f} GiB a chip, "
+            f"{(result.total_bytes - result.chip_bytes) / 2**30:.2f} GiB more than {args.topology}'s "
+            f"{result.chip_bytes / 2**30:.2f} GiB"
+        )
 
 
 def _train(args):

@@ -94,13 +94,25 @@ def check_mesh_shapes(config, shape, batch, length):
             raise ValueError(f"{name}={getattr(config, name)} must be divisible by the tp axis size {shape['tp']}")
 
 
-def param_specs(params, mesh: Mesh):
-    """A PartitionSpec per parameter; a dimension the axis does not divide stays whole."""
+def param_specs(params, mesh: Mesh, extra_axes=()):
+    """A PartitionSpec per parameter; a dimension the axis does not divide stays whole.
+
+    `extra_axes` (e.g. ("dp", "sp", "uly")) shard the "fsdp" dimension of every parameter
+    further, where they divide it: ZeRO-3 over those devices too, so parameters and optimizer
+    state need not fit one chip (XLA gathers each layer's weights where they are used)."""
+
+    def dim_axes(a, size):
+        if a is None:
+            return None
+        group = (a, *extra_axes) if a == "fsdp" else (a,)
+        group = tuple(g for g in group if mesh.shape[g] > 1) or (a,)
+        while group and size % math.prod(mesh.shape[g] for g in group):
+            group = group[:-1]
+        return None if not group else group[0] if len(group) == 1 else group
 
     def spec(path, leaf):
         name = path[-1].key
-        axes = _PARAM_AXES[name]
-        return P(*(a if a is not None and leaf.shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+        return P(*(dim_axes(a, leaf.shape[i]) for i, a in enumerate(_PARAM_AXES[name])))
 
     return jax.tree_util.tree_map_with_path(spec, params)
 

@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import LN2, offsets_operand, scores, typed_alike
+from pallas_kernels.common import LN2, match_vma, offsets_operand, scores, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids
 from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
@@ -123,6 +123,8 @@ def attention_fwd(
         out_type=out_type, interpret=interpret,
     )
     out, lse = call(*(x for x in operands if x is not None))
+    # Compiled for a GPU, plgpu.kernel drops out_type's manual axis type (interpreted, it keeps it).
+    out, lse = (match_vma(x, operands[0]) for x in (out, lse))
     return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
 
 

@@ -63,7 +63,7 @@ from pallas_kernels.attention_mgpu import (
     WG_ROWS,
     interpret_params,
 )
-from pallas_kernels.common import LOG2E, offsets_operand, scores, through_soft_cap, typed_alike
+from pallas_kernels.common import LOG2E, match_vma, offsets_operand, scores, through_soft_cap, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
 from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
 
@@ -129,6 +129,8 @@ def attention_bwd(
     dk, dv = _dkv_call(q_tiling=q_tiling, kv_tiling=kv_tiling, **common)(
         *_present(k_p, v_p, q_p, qt, do_p, dot, lse_p, delta_p, q_ids, kv_ids, dkv_table, offsets)
     )
+    # Compiled for a GPU, plgpu.kernel drops out_type's manual axis type (interpreted, it keeps it).
+    dq, dk, dv = (match_vma(x, offsets) for x in (dq, dk, dv))
     return (
         q_tiling.unpad(dq, axis=1)[..., :H], kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :H]
     )

@@ -1,9 +1,12 @@
 """The ring: forward and backward passes of ring attention inside `shard_map`, as one `custom_vjp`.
 
-Each device keeps its query shard. Key/value shards (with their segment ids) travel to the next
-device every step; the send of the shard in hand is issued before the compute on it, so XLA can
-overlap the two. Partial `(out, lse)` merge exactly in float32. In the backward, dk/dv accumulate
-in float32 while travelling with k/v and are sent home to their owner after the last step.
+Each device keeps its query shard. Key/value shards travel to the next device every step (key
+segment ids are all-gathered once instead: 4 bytes a token, and one transfer fewer a step); the
+send of the shard in hand is issued before the compute on it, so XLA can overlap the two. In the
+backward the dk/dv accumulators travel in the same transfer as the shard, so each step has one
+transfer to hide behind its kernels. Partial `(out, lse)` merge exactly in float32. In the
+backward, dk/dv accumulate in float32 while travelling with k/v and are sent
+home to their owner after the last step.
 
 Causal work is planned per step, never computed and then masked:
 - contiguous: step 0 is the diagonal; a later step's shard is wholly in the past (computed with
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import pallas_kernels
+from ring_attn.aot import RING_SCOPE
 from ring_attn.checks import ring_position
 from ring_attn.layout import halves
 
@@ -102,9 +106,46 @@ def merge(out1, lse1, out2, lse2):
 
 
 def shift(x, axis_name, ring_size, hops=1):
-    """Sends every device's `x` to the device `hops` further round the ring."""
+    """Sends every device's `x` (a pytree) to the device `hops` further round the ring."""
     perm = [(i, (i + hops) % ring_size) for i in range(ring_size)]
     return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
+
+
+def _hop(x, spec, ring_size):
+    """One ring step's transfer: `x` (a pytree) to the next device, under `aot.RING_SCOPE`.
+
+    For GPU kernels the leaves go as one buffer of bytes: XLA's GPU scheduler keeps one
+    collective in flight at a time, so separate k and v permutes would leave one of them
+    exposed before the step's kernel; one permute overlaps the kernel whole."""
+    with jax.named_scope(RING_SCOPE):
+        if not spec.impl.gpu or len(jax.tree.leaves(x)) < 2:
+            return shift(x, spec.axis_name, ring_size)
+        leaves, tree = jax.tree.flatten(x)
+        sent = shift(_as_bytes(leaves), spec.axis_name, ring_size)
+        return jax.tree.unflatten(tree, _from_bytes(sent, leaves))
+
+
+def _as_bytes(leaves):
+    """The leaves' bytes, concatenated into one uint8 vector."""
+    def raw(a):
+        a = lax.bitcast_convert_type(a, jnp.uint8) if a.dtype.itemsize > 1 else a.view(jnp.uint8)
+        return a.reshape(-1)
+
+    return jnp.concatenate([raw(a) for a in leaves])
+
+
+def _from_bytes(buffer, like):
+    """`_as_bytes`'s inverse: arrays shaped and typed as `like`."""
+    out, start = [], 0
+    for a in like:
+        size = a.size * a.dtype.itemsize
+        raw = lax.slice(buffer, (start,), (start + size,))
+        start += size
+        if a.dtype.itemsize > 1:
+            out.append(lax.bitcast_convert_type(raw.reshape(*a.shape, a.dtype.itemsize), a.dtype))
+        else:
+            out.append(raw.reshape(a.shape).view(a.dtype))
+    return out
 
 
 def _part(x, part, axis=1):
@@ -130,43 +171,51 @@ def _pad(part, value, axis=1):
     return jnp.concatenate([value, zeros] if part == "first" else [zeros, value], axis)
 
 
-def _run_ring(first_step, step, kv, spec, num_steps):
-    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` for steps
-    1..num_steps-1, where `src` is the rank whose k/v shard is in hand. The shard for step s+1
-    is sent before step s computes; the last step sends nothing. `num_steps` is an int, or a
-    traced int32 that is the same on every device (then a `while_loop`)."""
+def _run_ring(first_step, step, kv, spec, num_steps, travelling=None):
+    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src, arrived)` for steps
+    1..num_steps-1, where `src` is the rank whose k/v shard is in hand and `arrived` is
+    `travelling(carry)` of the previous device (the backward's dk/dv of the shard now in hand),
+    or None. The shard for step s+1 and what travels are sent, in one transfer, before step s
+    computes. Without `travelling` the last step runs after the loop and sends nothing; with it,
+    the last step runs in the loop too (its shard's send is wasted), so that its transfer is
+    issued before its kernels as in every other step. `num_steps` is an int, or a traced int32
+    that is the same on every device (then a `while_loop`)."""
     ring_size, rank = ring_position(spec.axis_name)
     if not isinstance(num_steps, int):
         return lax.cond(
-            num_steps > 1, lambda kv: _run_ring_until(first_step, step, kv, spec, num_steps), first_step, kv
+            num_steps > 1,
+            lambda kv: _run_ring_until(first_step, step, kv, spec, num_steps, travelling), first_step, kv,
         )
     if num_steps == 1:
         return first_step(kv)
-    kv_next = shift(kv, spec.axis_name, ring_size)
+    kv_next = _hop(kv, spec, ring_size)
     carry = first_step(kv)
 
     def body(state, s):
         carry, kv = state
-        kv_next = shift(kv, spec.axis_name, ring_size)
-        return (step(carry, kv, (rank - s) % ring_size), kv_next), None
+        kv_next, arrived = _hop((kv, travelling and travelling(carry)), spec, ring_size)
+        return (step(carry, kv, (rank - s) % ring_size, arrived), kv_next), None
 
-    (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, num_steps - 1))
-    return step(carry, kv, (rank - (num_steps - 1)) % ring_size)
+    last_in_loop = travelling is not None
+    (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, num_steps if last_in_loop else num_steps - 1))
+    return carry if last_in_loop else step(carry, kv, (rank - (num_steps - 1)) % ring_size, None)
 
 
-def _run_ring_until(first_step, step, kv, spec, num_steps):
-    """`_run_ring` for a traced `num_steps` > 1: the middle steps in a `while_loop`."""
+def _run_ring_until(first_step, step, kv, spec, num_steps, travelling):
+    """`_run_ring` for a traced `num_steps` > 1: the steps after the first in a `while_loop`."""
     ring_size, rank = ring_position(spec.axis_name)
-    kv_next = shift(kv, spec.axis_name, ring_size)
+    kv_next = _hop(kv, spec, ring_size)
     carry = first_step(kv)
 
     def body(state):
         s, carry, kv = state
-        kv_next = shift(kv, spec.axis_name, ring_size)
-        return s + 1, step(carry, kv, (rank - s) % ring_size), kv_next
+        kv_next, arrived = _hop((kv, travelling and travelling(carry)), spec, ring_size)
+        return s + 1, step(carry, kv, (rank - s) % ring_size, arrived), kv_next
 
-    _, carry, kv = lax.while_loop(lambda state: state[0] < num_steps - 1, body, (jnp.int32(1), carry, kv_next))
-    return step(carry, kv, (rank - (num_steps - 1)) % ring_size)
+    last_in_loop = travelling is not None
+    end = num_steps if last_in_loop else num_steps - 1
+    _, carry, kv = lax.while_loop(lambda state: state[0] < end, body, (jnp.int32(1), carry, kv_next))
+    return carry if last_in_loop else step(carry, kv, (rank - (num_steps - 1)) % ring_size, None)
 
 
 def _send_home(x, spec, ring_size, num_steps):
@@ -199,6 +248,13 @@ class _Plan:
         if self.documents:
             self.num_steps = jnp.minimum(document_steps(q_seg, kv_seg, spec.axis_name), self.num_steps)
             self.q_range = _id_range(q_seg)
+        # Every shard's key ids, gathered once (4 bytes a token): only k and v travel the ring.
+        one_step = isinstance(self.num_steps, int) and self.num_steps == 1
+        self.kv_seg_all = None if kv_seg is None or one_step else lax.all_gather(kv_seg, spec.axis_name)
+
+    def kv_segment_ids(self, src):
+        """The key segment ids of the shard of rank `src` (traced), or None."""
+        return None if self.kv_seg_all is None else self.kv_seg_all[src]
 
     def branch(self, pred, true_fn, false_fn):
         """`lax.cond` on a per-device predicate. Interpreted TPU kernels synchronise all devices
@@ -260,11 +316,13 @@ def _forward(spec, q, k, v, q_seg, kv_seg):
         )
 
     def first_step(kv):
-        parts = plan.first_step(functools.partial(partial_attention, kv=kv))
+        parts = plan.first_step(functools.partial(partial_attention, kv=(*kv, kv_seg)))
         outs, lses = zip(*parts)
         return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2)
 
-    def step(state, kv, src):
+    def step(state, kv, src, _):
+        kv = (*kv, plan.kv_segment_ids(src))
+
         def merged(q_part, kv_part, **masking):
             out, lse = partial_attention(q_part, kv_part, kv, **masking)
             full_out, full_lse = state
@@ -273,7 +331,7 @@ def _forward(spec, q, k, v, q_seg, kv_seg):
 
         return plan.later_step(src, kv[2], merged, lambda: state)
 
-    return _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
+    return _run_ring(first_step, step, (k, v), spec, plan.num_steps)
 
 
 def backward(spec, residuals, d_out):
@@ -304,18 +362,18 @@ def backward(spec, residuals, d_out):
         return tuple(pallas_kernels.match_vma(jnp.zeros_like(x, jnp.float32), *like) for x in (q, k, v))
 
     def first_step(kv):
-        parts = plan.first_step(functools.partial(contributions, kv=kv))
+        parts = plan.first_step(functools.partial(contributions, kv=(*kv, kv_seg)))
         dq, dk, dv = (functools.reduce(jnp.add, xs) for xs in zip(*parts))
         return dq, (dk, dv)
 
-    def step(carry, kv, src):
-        dq, dkv = carry
-        # The accumulator of the shard now in hand arrives while this step computes.
-        dkv = shift(dkv, spec.axis_name, plan.ring_size)
+    def step(carry, kv, src, dkv):
+        # dkv, the accumulator of the shard now in hand, arrives (with the next shard) while this step computes.
+        dq, _ = carry
+        kv = (*kv, plan.kv_segment_ids(src))
         dq_s, dk_s, dv_s = plan.later_step(src, kv[2], functools.partial(contributions, kv=kv), nothing)
         return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
-    dq, dkv = _run_ring(first_step, step, (k, v, kv_seg), spec, plan.num_steps)
+    dq, dkv = _run_ring(first_step, step, (k, v), spec, plan.num_steps, travelling=lambda carry: carry[1])
     dk, dv = _send_home(dkv, spec, plan.ring_size, plan.num_steps)
     d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks
