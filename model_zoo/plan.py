@@ -94,12 +94,11 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
     specs = param_specs(shapes, mesh, extra_axes=("dp", "sp", "uly"))
     params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
                           shapes, specs)
-    with jax.set_mesh(mesh):
-        opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
-    opt_shapes = jax.eval_shape(tx.init, shapes)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_shapes,
-                             opt_shardings)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_like_param(path, s, params, replicated)),
+        jax.eval_shape(tx.init, shapes),
+    )
     state = {"params": params, "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
              "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)}
     rows = batch_sharding(mesh)
@@ -109,7 +108,8 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
 
     start = time.perf_counter()
     with _progress(f"compiling the training step for {topology}", progress), jax.set_mesh(mesh):
-        compiled = _train_step(tx, model).lower(state, batch).compile()
+        step = _train_step(tx, model, state_shardings=jax.tree.map(lambda s: s.sharding, state))
+        compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     text = compiled.as_text()
@@ -142,6 +142,17 @@ def max_seq_len(model: LWMConfig, *, topology: str, mesh_axes=None, batch_size=N
             return (best.seq_len, best) if best else (None, None)
         best = result
         seq_len *= 2
+
+
+def _like_param(path, leaf, params, replicated):
+    """The sharding of the parameter an optimizer-state leaf mirrors (AdamW's moments: the tree of
+    parameters again, under the state's own path), else replicated (counters, scalars)."""
+    flat = {tuple(path): p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for start in range(len(path)):
+        param = flat.get(tuple(path[start:]))
+        if param is not None and param.shape == leaf.shape:
+            return param.sharding
+    return replicated
 
 
 def _per_chip_bytes(tree):

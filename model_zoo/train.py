@@ -173,7 +173,7 @@ def make_optimizer(cfg: TrainConfig):
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def _train_step(tx, model_config):
+def _train_step(tx, model_config, state_shardings=None):
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, model_config)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -182,7 +182,9 @@ def _train_step(tx, model_config):
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 
-    return jax.jit(step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))  # the state stays where it lies
 
 
 def initial_state(cfg: TrainConfig, mesh):
