@@ -111,6 +111,9 @@ def build_parser():
     train.add_argument("--mesh", type=_mesh, default=(("sp", -1),),
                        help="axis sizes, e.g. dp=2,sp=4 or sp=2,uly=4 (default sp=all)")
     train.add_argument("--attention-strategy", choices=STRATEGIES, default="ring", help=STRATEGY_HELP)
+    train.add_argument("--params-over-sequence", action="store_true",
+                       help="shard parameters and optimizer state over the sequence and data axes too (ZeRO-3 over "
+                            "every device), as `plan` assumes")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gen = commands.add_parser("generate", help="generate from a trained or converted model")
@@ -264,7 +267,7 @@ def _train(args):
         learning_rate=settings["learning_rate"], needle_fraction=settings["needle_fraction"],
         repeat_fraction=settings["repeat_fraction"], copy_fraction=settings["copy_fraction"],
         max_needles=args.max_needles, seed=args.seed, save_every=settings["save_every"], keep_checkpoints=args.keep,
-        mesh=args.mesh,
+        mesh=args.mesh, params_over_sequence=args.params_over_sequence,
         init_from=None if init_from == "none" else init_from,
     )
     training_mesh(cfg)  # refused here, before the workdir exists

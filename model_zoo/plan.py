@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding
 
 from model_zoo.config import LWMConfig
 from model_zoo.model import init_params
-from model_zoo.sharding import MESH_AXES, attention_axes, batch_sharding, check_mesh_shapes, param_specs
-from model_zoo.train import TrainConfig, _train_step, make_optimizer
+from model_zoo.sharding import MESH_AXES, ZERO_AXES, attention_axes, batch_sharding, check_mesh_shapes, param_specs
+from model_zoo.train import TrainConfig, _train_step, make_optimizer, optimizer_state_shardings
 from ring_attn import aot, cost
 
 GiB = 2**30
@@ -87,18 +87,17 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
     mesh = aot.mesh(topo, {a: axes[a] for a in MESH_AXES})
     batch_size = axes["dp"] * axes["fsdp"] if batch_size is None else batch_size
     check_mesh_shapes(model, axes, batch_size, seq_len)
-    train_cfg = TrainConfig(model=model)
+    train_cfg = TrainConfig(model=model, params_over_sequence=True)
     tx = make_optimizer(train_cfg)
-    # Parameters and optimizer state over every axis the model does not shard them by name.
+    # Parameters and optimizer state over every device (ZeRO-3), as `train` places them with
+    # params_over_sequence=True.
     shapes = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
-    specs = param_specs(shapes, mesh, extra_axes=("dp", "sp", "uly"))
+    specs = param_specs(shapes, mesh, extra_axes=ZERO_AXES)
     params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
                           shapes, specs)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.tree_util.tree_map_with_path(
-        lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_like_param(path, s, params, replicated)),
-        jax.eval_shape(tx.init, shapes),
-    )
+    opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                             jax.eval_shape(tx.init, shapes), optimizer_state_shardings(tx, params))
     state = {"params": params, "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
              "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)}
     rows = batch_sharding(mesh)
@@ -142,17 +141,6 @@ def max_seq_len(model: LWMConfig, *, topology: str, mesh_axes=None, batch_size=N
             return (best.seq_len, best) if best else (None, None)
         best = result
         seq_len *= 2
-
-
-def _like_param(path, leaf, params, replicated):
-    """The sharding of the parameter an optimizer-state leaf mirrors (AdamW's moments: the tree of
-    parameters again, under the state's own path), else replicated (counters, scalars)."""
-    flat = {tuple(path): p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for start in range(len(path)):
-        param = flat.get(tuple(path[start:]))
-        if param is not None and param.shape == leaf.shape:
-            return param.sharding
-    return replicated
 
 
 def _per_chip_bytes(tree):

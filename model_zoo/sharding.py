@@ -117,8 +117,13 @@ def param_specs(params, mesh: Mesh, extra_axes=()):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def param_shardings(params, mesh: Mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh))
+# The axes that shard parameters and optimizer state beyond fsdp when a run asks for ZeRO-3 over
+# every device (`TrainConfig.params_over_sequence`): the data-parallel and sequence axes.
+ZERO_AXES = ("dp", "sp", "uly")
+
+
+def param_shardings(params, mesh: Mesh, extra_axes=()):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, extra_axes))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from model_zoo.checkpoint import Checkpoints, load_model
 from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import check_max_needles, check_row_fractions, packed_batch
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
-from model_zoo.sharding import batch_sharding, check_mesh_shapes, make_mesh, param_shardings
+from model_zoo.sharding import ZERO_AXES, batch_sharding, check_mesh_shapes, make_mesh, param_shardings
 from model_zoo.shipped import resolve_model
 
 
@@ -88,6 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     mesh: tuple = (("sp", -1),)  # mesh axis sizes, see model_zoo.sharding.make_mesh
     init_from: str | None = None  # a workdir, model folder or shipped model whose parameters start a fresh run
+    # Parameters and optimizer state sharded over the sequence and data axes too (ZeRO-3 over every
+    # device), not only fsdp/tp: what lets a 7B model's AdamW state fit beside a 1M-token context.
+    params_over_sequence: bool = False
 
     def __post_init__(self):
         if not self.stages:
@@ -187,11 +192,36 @@ def _train_step(tx, model_config, state_shardings=None):
     return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))  # the state stays where it lies
 
 
+def optimizer_state_shardings(tx, params):
+    """Where each leaf of `tx.init(params)` lives (params: arrays or ShapeDtypeStructs, placed):
+    a moment as the parameter it mirrors (the parameter tree again under the state's own path),
+    anything else (counters) replicated. Left to XLA, the moments come out replicated."""
+    flat = {tuple(path): p.sharding for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = {tuple(path): p.shape for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    some = next(iter(flat.values()))
+    replicated = NamedSharding(some.mesh, P()) if isinstance(some, NamedSharding) else some
+
+    def where(path, leaf):
+        for start in range(len(path)):
+            key = tuple(path[start:])
+            if key in flat and shapes[key] == leaf.shape:
+                return flat[key]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(where, jax.eval_shape(tx.init, params))
+
+
+def init_optimizer(tx, params):
+    """`tx.init(params)` with each moment sharded as its parameter."""
+    return jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params))(params)
+
+
 def initial_state(cfg: TrainConfig, mesh):
     key = jax.random.key(cfg.seed)
     init = functools.partial(init_params, cfg.model)
-    params = jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init, key), mesh))(key)
-    opt_state = jax.jit(make_optimizer(cfg).init)(params)
+    extra_axes = ZERO_AXES if cfg.params_over_sequence else ()
+    params = jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init, key), mesh, extra_axes))(key)
+    opt_state = init_optimizer(make_optimizer(cfg), params)
     return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": key}
 
 
@@ -224,8 +254,10 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
             start, state, _ = restored
             print(f"resuming from the checkpoint at step {start} in {checkpoints.directory}")
         elif cfg.init_from is not None:
-            state = dict(state, params=_initial_params(cfg, mesh, state["params"]))
-            state["opt_state"] = jax.jit(make_optimizer(cfg).init)(state["params"])
+            params = _initial_params(cfg, mesh, state["params"])
+            # placed where this run keeps its parameters (over the sequence too, if it asks)
+            state = dict(state, params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state["params"])))
+            state["opt_state"] = init_optimizer(make_optimizer(cfg), state["params"])
             print(f"starting from the parameters in {cfg.init_from}")
         _keep_metrics_before(metrics_path, start)
         state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress)
@@ -254,7 +286,8 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
         for step in range(start, cfg.total_steps):
             index, stage = cfg.stage_at(step)
             if index not in steps_by_stage:
-                steps_by_stage[index] = _train_step(tx, cfg.stage_model(stage))
+                shardings = jax.tree.map(lambda x: x.sharding, state) if cfg.params_over_sequence else None
+                steps_by_stage[index] = _train_step(tx, cfg.stage_model(stage), shardings)
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
                 cfg.seed, step, batch_size=cfg.rows(stage), seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,

@@ -113,6 +113,21 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
         train(wider, tmp_path / "third", progress=False)
 
 
+def test_parameters_sharded_over_the_sequence_train_to_the_same_losses(tmp_path):
+    """params_over_sequence (ZeRO-3 over the ring, what `plan` compiles) changes where parameters
+    and AdamW state lie, not what the steps compute."""
+    plain = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(64, 1e4, 3),), batch_size=2,
+                        mesh=(("sp", 4),))
+    zero = dataclasses.replace(plain, params_over_sequence=True)
+    train(plain, tmp_path / "plain", progress=False)
+    state = train(zero, tmp_path / "zero", progress=False)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl")] for run in ("plain", "zero")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert state["params"]["layers"]["wq"].sharding.spec[1] == "sp"
+    mu = state["opt_state"][1][0].mu["layers"]["wq"]  # clip_by_global_norm, then adamw's moments
+    assert mu.sharding.spec[1] == "sp"
+
+
 def test_bad_settings_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--workdir", str(tmp_path), "--steps", "0"])
