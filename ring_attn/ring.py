@@ -5,8 +5,8 @@ segment ids are all-gathered once instead: 4 bytes a token, and one transfer few
 send of the shard in hand is issued before the compute on it, so XLA can overlap the two. In the
 backward the dk/dv accumulators travel in the same transfer as the shard, so each step has one
 transfer to hide behind its kernels. Partial `(out, lse)` merge exactly in float32. In the
-backward, dk/dv accumulate in float32 while travelling with k/v and are sent
-home to their owner after the last step.
+backward, dk/dv accumulate in float32 while they travel and are sent home to their owner after
+the last step.
 
 Causal work is planned per step, never computed and then masked:
 - contiguous: step 0 is the diagonal; a later step's shard is wholly in the past (computed with
@@ -193,7 +193,7 @@ def _run_ring(first_step, step, kv, spec, num_steps, travelling=None):
 
     def body(state, s):
         carry, kv = state
-        kv_next, arrived = _hop((kv, travelling and travelling(carry)), spec, ring_size)
+        kv_next, arrived = _hop((kv, travelling(carry) if travelling else None), spec, ring_size)
         return (step(carry, kv, (rank - s) % ring_size, arrived), kv_next), None
 
     last_in_loop = travelling is not None
@@ -209,7 +209,7 @@ def _run_ring_until(first_step, step, kv, spec, num_steps, travelling):
 
     def body(state):
         s, carry, kv = state
-        kv_next, arrived = _hop((kv, travelling and travelling(carry)), spec, ring_size)
+        kv_next, arrived = _hop((kv, travelling(carry) if travelling else None), spec, ring_size)
         return s + 1, step(carry, kv, (rank - s) % ring_size, arrived), kv_next
 
     last_in_loop = travelling is not None
