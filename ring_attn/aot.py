@@ -80,6 +80,7 @@ def topology(name: str) -> Topology:
     from jax.experimental import topologies
 
     kind, _, shape = name.partition(":")
+    _check_compiler(kind)
     dims = tuple(int(d) for d in shape.split("x")) if re.fullmatch(r"\d+(x\d+)*", shape) else ()
     if kind == "h100" and len(dims) in (1, 2) and all(dims):
         hosts, gpus = (1, *dims) if len(dims) == 1 else dims
@@ -95,6 +96,32 @@ def topology(name: str) -> Topology:
         )
         return Topology(name, "tpu", tuple(desc.devices), int(np.prod(dims)) // int(np.prod(bounds)), V5P_MEMORY)
     raise ValueError(f"unknown topology {name!r}: expected {TOPOLOGY_FORMS}")
+
+
+_COMPILERS = {"h100": ("jax_plugins.xla_cuda13", "XLA's CUDA compiler"), "v5p": ("libtpu", "libtpu")}
+
+
+def _installed(module):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def missing_compiler(kind=None) -> str | None:
+    """Why compiling for `kind` ("h100", "v5p"; None: both) cannot happen here, or None."""
+    for name, (module, what) in _COMPILERS.items():
+        if kind in (None, name) and not _installed(module):
+            return (f"compiling for {name} needs {what}, which is not installed: pip install -e '.[aot]' "
+                    "(Python 3.12), and run with JAX_PLATFORMS=cpu")
+    return None
+
+
+def _check_compiler(kind):
+    if (why := missing_compiler(kind)) is not None:
+        raise RuntimeError(why)
 
 
 def mesh(topo: Topology, axes: dict[str, int]) -> jax.sharding.Mesh:

@@ -8,7 +8,6 @@ Triton kernels within the card's shared memory, and no exposed ring transfer
 """
 
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from ring_attn import aot
 
 
 def _missing():
-    if importlib.util.find_spec("libtpu") is None or importlib.util.find_spec("jax_plugins.xla_cuda13") is None:
+    if aot.missing_compiler() is not None:
         return "the aot extra is not installed (pip install -e '.[aot]' on Python 3.12)"
     if jax.default_backend() != "cpu":
         return "deviceless compilation runs with JAX_PLATFORMS=cpu"

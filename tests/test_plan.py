@@ -16,6 +16,7 @@ from test_aot import _missing
 from model_zoo.config import TINY
 from model_zoo.model import init_params
 from model_zoo.sharding import make_mesh, param_specs
+from ring_attn import aot
 
 
 def test_parameters_shard_over_the_sequence_axis_too():
@@ -31,6 +32,16 @@ def test_parameters_shard_over_the_sequence_axis_too():
     assert zero["final_norm"] == P(None)
     odd = param_specs({"wq": jax.ShapeDtypeStruct((1, 6, 8), "float32")}, mesh, extra_axes=("sp",))
     assert odd["wq"] == P(None, "fsdp", "tp")  # 6 splits over fsdp=2, not over fsdp x sp = 8
+
+
+def test_topologies_are_named_and_their_compilers_asked_for():
+    with pytest.raises(ValueError, match="unknown topology 'a100:8': expected 'h100:G'"):
+        aot.topology("a100:8")
+    if aot.missing_compiler("v5p") is not None:
+        with pytest.raises(RuntimeError, match=r"compiling for v5p needs libtpu.*pip install -e '\.\[aot\]'"):
+            aot.topology("v5p:2x2x1")
+    else:
+        assert aot.topology("v5p:2x2x1").num_chips == 4
 
 
 def _plan(*args):
