@@ -7,7 +7,6 @@ step time is the cost model's estimate. Needs the `aot` extra and `JAX_PLATFORMS
 """
 
 import dataclasses
-import math
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from model_zoo.config import LWMConfig
 from model_zoo.model import init_params
-from model_zoo.sharding import MESH_AXES, ZERO_AXES, attention_axes, batch_sharding, check_mesh_shapes, param_specs
+from model_zoo.sharding import MESH_AXES, ZERO_AXES, attention_axes, batch_sharding, check_mesh_shapes, param_shardings
 from model_zoo.train import TrainConfig, _train_step, make_optimizer, optimizer_state_shardings
 from ring_attn import aot, cost
 
@@ -82,8 +81,6 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
     returns what the compiler says about it per chip."""
     topo = aot.topology(topology)
     axes = dict(default_mesh(topo), **(mesh_axes or {}))
-    if math.prod(axes.values()) != topo.num_chips:
-        raise ValueError(f"mesh {axes} holds {math.prod(axes.values())} chips, but {topology} has {topo.num_chips}")
     mesh = aot.mesh(topo, {a: axes[a] for a in MESH_AXES})
     batch_size = axes["dp"] * axes["fsdp"] if batch_size is None else batch_size
     check_mesh_shapes(model, axes, batch_size, seq_len)
@@ -92,9 +89,8 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
     # Parameters and optimizer state over every device (ZeRO-3), as `train` places them with
     # params_over_sequence=True.
     shapes = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
-    specs = param_specs(shapes, mesh, extra_axes=ZERO_AXES)
-    params = jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, p)),
-                          shapes, specs)
+    params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes, param_shardings(shapes, mesh, ZERO_AXES))
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                              jax.eval_shape(tx.init, shapes), optimizer_state_shardings(tx, params))

@@ -196,16 +196,15 @@ def optimizer_state_shardings(tx, params):
     """Where each leaf of `tx.init(params)` lives (params: arrays or ShapeDtypeStructs, placed):
     a moment as the parameter it mirrors (the parameter tree again under the state's own path),
     anything else (counters) replicated. Left to XLA, the moments come out replicated."""
-    flat = {tuple(path): p.sharding for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = {tuple(path): p.shape for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
-    some = next(iter(flat.values()))
+    flat = {tuple(path): p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    some = next(iter(flat.values())).sharding
     replicated = NamedSharding(some.mesh, P()) if isinstance(some, NamedSharding) else some
 
     def where(path, leaf):
         for start in range(len(path)):
-            key = tuple(path[start:])
-            if key in flat and shapes[key] == leaf.shape:
-                return flat[key]
+            param = flat.get(tuple(path[start:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
         return replicated
 
     return jax.tree_util.tree_map_with_path(where, jax.eval_shape(tx.init, params))

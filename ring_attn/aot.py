@@ -15,12 +15,13 @@ layout's reorder and dk/dv's last hop home are not (nothing can run beside them)
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
 import numpy as np
 
-RING_SCOPE = "ring_hop"  # the name scope of every ring transfer (see `ring.shift`)
+RING_SCOPE = "ring_hop"  # the name scope of every ring transfer (see `ring._hop`)
 
 # An H100 SXM's GpuTargetConfig (the text XLA's deviceless compilation takes for the card).
 H100_TARGET_CONFIG = """gpu_device_info {
@@ -66,7 +67,6 @@ class Topology:
     name: str
     platform: str  # "gpu" or "tpu"
     devices: tuple
-    hosts: int
     memory_per_chip: int
 
     @property
@@ -87,14 +87,14 @@ def topology(name: str) -> Topology:
         desc = topologies.get_topology_desc(
             platform="cuda", target_config=H100_TARGET_CONFIG, topology=f"1x{hosts}x{gpus}"
         )
-        return Topology(name, "gpu", tuple(desc.devices), hosts, H100_MEMORY)
+        return Topology(name, "gpu", tuple(desc.devices), H100_MEMORY)
     if kind == "v5p" and len(dims) == 3 and all(dims):
         bounds = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=name, chip_config_name="megacore", chips_per_host_bounds=bounds,
             num_slices=1,
         )
-        return Topology(name, "tpu", tuple(desc.devices), int(np.prod(dims)) // int(np.prod(bounds)), V5P_MEMORY)
+        return Topology(name, "tpu", tuple(desc.devices), V5P_MEMORY)
     raise ValueError(f"unknown topology {name!r}: expected {TOPOLOGY_FORMS}")
 
 
@@ -140,8 +140,6 @@ KERNEL_TARGETS = {
     "mosaic_gpu_v2": "mosaic_gpu",
     "tpu_custom_call": "mosaic_tpu",
 }
-HOST_CALLBACK_TARGETS = ("xla_python_cpu_callback", "xla_python_gpu_callback", "xla_ffi_python_cpu_callback",
-                         "xla_ffi_python_gpu_callback", "xla_ffi_partitioned_python_cpu_callback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +166,10 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
 
 
+@functools.lru_cache(maxsize=2)  # kernels, host_callbacks and ring_transfers read the same program
 def parse_hlo(text: str) -> dict[str, list[Instruction]]:
-    """The scheduled HLO module's computations, each its instructions in schedule order."""
+    """The scheduled HLO module's computations, each its instructions in schedule order (not to
+    be modified: the result is shared)."""
     computations, current = {}, None
     for line in text.splitlines():
         if m := _COMPUTATION.match(line):
@@ -209,7 +209,7 @@ def kernels(text: str) -> dict[str, int]:
 def host_callbacks(text: str) -> list[str]:
     """The host callbacks in the program (an interpreted kernel leaves them; compiled ones don't)."""
     return [ins.name for instructions in parse_hlo(text).values() for ins in instructions
-            if ins.target is not None and ("callback" in ins.target or ins.target in HOST_CALLBACK_TARGETS)]
+            if ins.target is not None and "callback" in ins.target]
 
 
 def ring_transfers(text: str) -> list[Transfer]:
@@ -278,8 +278,9 @@ _THUNK = re.compile(
 
 def cuda_kernels(dump_dir: str, prefix: str = "") -> list[CudaKernel]:
     """The generated kernels of a CUDA compilation dumped with `compile(compiler_options=
-    {"xla_dump_to": dump_dir})`, each name once (its `__N` copies folded), those named with
-    `prefix` only. Mosaic GPU kernels are compiled by JAX, not XLA, and are not listed."""
+    {"xla_dump_to": dump_dir})`, each distinct launch (name, grid, threads, shared memory) once,
+    its `__N` copies folded, those named with `prefix` only. Mosaic GPU kernels are compiled by
+    JAX, not XLA, and are not listed."""
     import pathlib
 
     found = {}
