@@ -65,7 +65,8 @@ RECIPE_HELP = (
     "a named training recipe; 'retrieval': TINY to needle retrieval up to 2048 tokens (3200 steps of 16 x 256, "
     "then 600 of 4 x 2048 at rope_theta 1e5; half needle rows, half repeated passages; about an hour on 2 cores)"
 )
-TRAIN_DEFAULTS = dict(learning_rate=3e-3, needle_fraction=0.5, repeat_fraction=0.0, copy_fraction=0.0, save_every=50)
+TRAIN_DEFAULTS = dict(learning_rate=3e-3, needle_fraction=0.5, repeat_fraction=0.0, copy_fraction=0.0,
+                      long_needle_fraction=0.0, save_every=50)
 MODEL_HELP = (
     "a training workdir, a model folder (from convert), or the name of a model shipped in the package "
     "(lwm-tiny-retrieval)"
@@ -96,11 +97,14 @@ def build_parser():
     train.add_argument("--batch-size", type=_positive_int, help="rows per batch (default 8)")
     train.add_argument("--tokens-per-batch", type=_positive_int,
                        help="rows per batch of each stage = this // its length, the same tokens in every batch")
-    train.add_argument("--learning-rate", type=float, help="peak learning rate (default 3e-3)")
+    train.add_argument("--learning-rate", type=float, help="peak learning rate (default 3e-3; the main job: 1e-3)")
     train.add_argument("--needle-fraction", type=float, help="share of rows that are retrieval examples (default 0.5)")
     train.add_argument("--repeat-fraction", type=float, help="share of rows that are repeated passages (default 0)")
     train.add_argument("--copy-fraction", type=float,
                        help="share of rows that are random tokens followed by the same tokens (default 0)")
+    train.add_argument("--long-needle-fraction", type=float,
+                       help="share of the retrieval rows holding one row-long document, its needle at any distance "
+                            "from the question (default 0; the main job: 0.5)")
     train.add_argument("--max-needles", type=_positive_int, default=1,
                        help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)
@@ -219,18 +223,18 @@ def _plan(args):
 def _train(args):
     argv = args.argv
     from model_zoo.config import preset
-    from model_zoo.train import RECIPES as RECIPE_SETTINGS
     from model_zoo.train import (
-        TINY_BASE_MODEL,
-        TINY_EXTENSION_STAGES,
+        MAIN_JOB,
         TINY_STAGES,
         Stage,
         TrainConfig,
         train,
         training_mesh,
     )
+    from model_zoo.train import RECIPES as RECIPE_SETTINGS
 
-    settings = dict(TRAIN_DEFAULTS)
+    model = preset(args.preset)
+    settings = dict(TRAIN_DEFAULTS, init_from=args.init_from)
     if args.recipe:
         recipe = RECIPE_SETTINGS[args.recipe]
         given = [name for name in (*recipe, "steps") if getattr(args, name, None) is not None]
@@ -238,19 +242,16 @@ def _train(args):
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(f"--recipe {args.recipe} sets {flags}: drop {'it' if len(given) == 1 else 'them'}")
         settings.update(recipe)
-    settings.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
-    model = preset(args.preset)
-    init_from = args.init_from
-    if args.recipe:
-        stages = settings["stages"]
     elif args.stages:
-        stages = tuple(Stage(*s) for s in args.stages)
-    elif args.preset == "tiny" and init_from is None:  # the main job: extend the shipped model's context
-        init_from, stages = TINY_BASE_MODEL, TINY_EXTENSION_STAGES
+        settings["stages"] = tuple(Stage(*s) for s in args.stages)
+    elif args.preset == "tiny" and args.init_from is None:  # the main job: extend the shipped model's context
+        settings.update(MAIN_JOB)
     elif args.preset == "tiny":
-        stages = TINY_STAGES
+        settings["stages"] = TINY_STAGES
     else:
         raise ValueError(f"--stages is required for preset {args.preset!r} (only 'tiny' has default stages)")
+    settings.update({k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None})
+    stages, init_from = settings["stages"], settings["init_from"]
     if args.steps:
         stages = _scale_steps(stages, args.steps)
     given = {"--batch-size": args.batch_size, "--tokens-per-batch": args.tokens_per_batch}
@@ -266,7 +267,8 @@ def _train(args):
         model=model, stages=stages, batch_size=args.batch_size or 8, tokens_per_batch=args.tokens_per_batch,
         learning_rate=settings["learning_rate"], needle_fraction=settings["needle_fraction"],
         repeat_fraction=settings["repeat_fraction"], copy_fraction=settings["copy_fraction"],
-        max_needles=args.max_needles, seed=args.seed, save_every=settings["save_every"], keep_checkpoints=args.keep,
+        long_needle_fraction=settings["long_needle_fraction"], max_needles=args.max_needles, seed=args.seed,
+        save_every=settings["save_every"], keep_checkpoints=args.keep,
         mesh=args.mesh, params_over_sequence=args.params_over_sequence,
         init_from=None if init_from == "none" else init_from,
     )

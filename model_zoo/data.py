@@ -118,18 +118,29 @@ def check_max_needles(max_needles):
         raise ValueError(f"max_needles must be a positive int, got {max_needles!r}")
 
 
+def check_long_needle_fraction(long_needle_fraction):
+    if isinstance(long_needle_fraction, bool) or not 0 <= long_needle_fraction <= 1:
+        raise ValueError(f"long_needle_fraction must lie in [0, 1], got {long_needle_fraction!r}")
+
+
 def packed_batch(
     seed: int, step: int, *, batch_size: int, seq_len: int, needle_fraction=0.5, repeat_fraction=0.0, copy_fraction=0.0,
-    max_needles=1, tokenizer=None,
+    max_needles=1, long_needle_fraction=0.0, tokenizer=None,
 ):
     """The batch for `step`: int32 arrays [batch_size, seq_len] of inputs, targets, segment_ids,
     positions and float32 loss_mask. Segment 0 is padding (masked out); documents are 1, 2, ...
     A row holds needle documents with probability `needle_fraction` (each with up to `max_needles`
     needles, all asked for), repeated passages with `repeat_fraction`, copies of random tokens with
     `copy_fraction`, corpus text otherwise.
+
+    Packed documents have random lengths, so a needle far from its question is rare: in a row of
+    L tokens, one at distance > 3L/4 in 4% of needle documents. `long_needle_fraction` of the
+    needle rows hold instead one document as long as the row, whose needle lies at a uniform
+    depth: every distance up to L trained as often as any other.
     """
     check_row_fractions(needle_fraction, repeat_fraction, copy_fraction)
     check_max_needles(max_needles)
+    check_long_needle_fraction(long_needle_fraction)
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
     rng = np.random.default_rng([seed, step, seq_len])
@@ -140,8 +151,11 @@ def packed_batch(
         # A row holds one kind of document, so per-row loss normalisation weighs retrieval
         # (a few answer tokens per document) as much as language modelling.
         kind = rng.random()
+        whole_row = False
         if kind < needle_fraction and seq_len >= MIN_NEEDLE:
             document, shortest = functools.partial(_needle_document, max_needles=max_needles), MIN_NEEDLE
+            # drawn only when asked for, so that other runs' batches stay as they were
+            whole_row = long_needle_fraction > 0 and rng.random() < long_needle_fraction
         elif needle_fraction <= kind < needle_fraction + repeat_fraction:
             document, shortest = _repeat_document, MIN_DOCUMENT
         elif needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:
@@ -150,7 +164,10 @@ def packed_batch(
             document, shortest = _text_document, MIN_DOCUMENT
         used, segment = 0, 0
         while seq_len - used >= shortest:
-            length = min(seq_len - used, int(rng.integers(shortest, seq_len + 1)))
+            if whole_row and used == 0:
+                length = seq_len
+            else:
+                length = min(seq_len - used, int(rng.integers(shortest, seq_len + 1)))
             ids, mask = document(rng, haystack, length + 1, tokenizer)
             n = len(ids) - 1  # next-token pairs
             segment += 1

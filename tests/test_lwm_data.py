@@ -52,6 +52,36 @@ def test_needle_rows_train_only_on_the_answer():
             assert mask[idx][-1] == 1 and mask[idx].sum() == 9  # a space, 7 digits, the end of sequence
 
 
+def test_long_needle_rows_hold_one_row_long_document_with_the_needle_at_any_distance():
+    tokenizer = default_tokenizer()
+    seq_len, rows = 512, 64
+
+    def distances(batch):
+        """Each row's first needle's distance from the question, as a share of the row."""
+        shares = []
+        for row in range(rows):
+            seg, mask = batch["segment_ids"][row], batch["loss_mask"][row]
+            idx = np.flatnonzero(seg == 1)
+            prompt = batch["inputs"][row, idx][: int(np.argmax(mask[idx]))]
+            text = tokenizer.decode(prompt)
+            before_needle = len(tokenizer.encode(text[: text.index(" The special magic")]))
+            shares.append((len(prompt) - before_needle) / seq_len)
+        return np.array(shares)
+
+    long = packed_batch(2, 0, batch_size=rows, seq_len=seq_len, needle_fraction=1.0, long_needle_fraction=1.0)
+    # one document a row, as long as the row but for the answer's room
+    assert np.all(long["segment_ids"].max(axis=1) == 1)
+    assert np.all((long["segment_ids"] > 0).sum(axis=1) >= seq_len - 12)
+    packed = packed_batch(2, 0, batch_size=rows, seq_len=seq_len, needle_fraction=1.0)
+    # Uniform depths in row-long documents: a quarter of the needles lie beyond 3/4 of the row,
+    # where packed documents of random lengths put about 3 in 100.
+    far_long, far_packed = np.mean(distances(long) > 0.75), np.mean(distances(packed) > 0.75)
+    assert far_long > 0.12 and far_packed < 0.1, (far_long, far_packed)
+    for fraction in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match=f"long_needle_fraction must lie in \\[0, 1\\], got {fraction!r}"):
+            packed_batch(0, 0, batch_size=1, seq_len=seq_len, long_needle_fraction=fraction)
+
+
 def test_multi_needle_rows_ask_for_every_needle():
     tokenizer = default_tokenizer()
     batch = packed_batch(4, 0, batch_size=8, seq_len=512, needle_fraction=1.0, max_needles=3)

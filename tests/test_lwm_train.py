@@ -213,15 +213,23 @@ def test_recipes_are_named_once_for_the_command_line_and_checked(tmp_path, capsy
 def test_the_main_job_extends_the_shipped_model_and_none_trains_from_scratch(tmp_path, monkeypatch):
     import model_zoo.train as training
 
-    # The main job's stages shrunk to one step each; its start, theta and rows reach the run.
-    monkeypatch.setattr(training, "TINY_EXTENSION_STAGES", (Stage(64, 3e5, 1, batch_size=4), Stage(128, 1e6, 1, 2)))
+    # The main job's stages shrunk to one step each; its start, theta, rows, learning rate and
+    # needle rows reach the run, and a flag given beside it overrides its setting.
+    main_job = dict(training.MAIN_JOB, stages=(Stage(64, 3e5, 1, batch_size=4), Stage(128, 1e6, 1, 2)))
+    monkeypatch.setattr(training, "MAIN_JOB", main_job)
     monkeypatch.setattr(training, "TINY_STAGES", (Stage(64, 1e4, 1), Stage(128, 1e5, 1)))
-    for name, init in (("extend", []), ("scratch", ["--init-from", "none"])):
-        assert main(["train", "--workdir", str(tmp_path / name), "--mesh", "sp=2", "--no-progress", *init]) == 0
+    runs = (("extend", []), ("scratch", ["--init-from", "none"]), ("rate", ["--learning-rate", "2e-3"]))
+    for name, flags in runs:
+        assert main(["train", "--workdir", str(tmp_path / name), "--mesh", "sp=2", "--no-progress", *flags]) == 0
     extended = json.loads((tmp_path / "extend" / "run.json").read_text())
     assert extended["init_from"] == "lwm-tiny-retrieval"
     assert [(s["rope_theta"], s["batch_size"]) for s in extended["stages"]] == [(3e5, 4), (1e6, 2)]
-    assert json.loads((tmp_path / "scratch" / "run.json").read_text())["init_from"] is None
+    assert (extended["learning_rate"], extended["long_needle_fraction"]) == (1e-3, 0.5)
+    scratch = json.loads((tmp_path / "scratch" / "run.json").read_text())
+    assert scratch["init_from"] is None
+    assert (scratch["learning_rate"], scratch["long_needle_fraction"]) == (3e-3, 0.0)  # as before
+    rate = json.loads((tmp_path / "rate" / "run.json").read_text())
+    assert (rate["init_from"], rate["learning_rate"], rate["long_needle_fraction"]) == ("lwm-tiny-retrieval", 2e-3, 0.5)
     first_loss = {name: read_metrics(tmp_path / name / "metrics.jsonl")[0]["loss"] for name in ("extend", "scratch")}
     # A trained model starts far below the untrained one's log(vocab) = 6.9.
     assert first_loss["extend"] < 4.0 < 6.0 < first_loss["scratch"], first_loss
