@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from model_zoo.config import LWMConfig
 from model_zoo.model import init_params
 from model_zoo.sharding import MESH_AXES, ZERO_AXES, attention_axes, batch_sharding, check_mesh_shapes, param_shardings
-from model_zoo.train import TrainConfig, _train_step, make_optimizer, optimizer_state_shardings
+from model_zoo.train import TrainConfig, make_optimizer, optimizer_state_shardings, train_step
 from ring_attn import aot, cost
 
 GiB = 2**30
@@ -103,7 +103,7 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
 
     start = time.perf_counter()
     with _progress(f"compiling the training step for {topology}", progress), jax.set_mesh(mesh):
-        step = _train_step(tx, model, state_shardings=jax.tree.map(lambda s: s.sharding, state))
+        step = train_step(tx, model, state_shardings=jax.tree.map(lambda s: s.sharding, state))
         compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()

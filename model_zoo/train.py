@@ -187,7 +187,10 @@ def make_optimizer(cfg: TrainConfig):
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def _train_step(tx, model_config, state_shardings=None):
+def train_step(tx, model_config, state_shardings=None):
+    """The jitted step `(state, batch) -> (state, {"loss", "grad_norm"})` that training runs and
+    `plan` compiles for other chips; with `state_shardings`, the new state is pinned there."""
+
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, model_config)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -295,7 +298,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
             index, stage = cfg.stage_at(step)
             if index not in steps_by_stage:
                 shardings = jax.tree.map(lambda x: x.sharding, state) if cfg.params_over_sequence else None
-                steps_by_stage[index] = _train_step(tx, cfg.stage_model(stage), shardings)
+                steps_by_stage[index] = train_step(tx, cfg.stage_model(stage), shardings)
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = packed_batch(
                 cfg.seed, step, batch_size=cfg.rows(stage), seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
