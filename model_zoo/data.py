@@ -92,13 +92,16 @@ def _copy_document(rng, haystack, length, tokenizer):
     return ids, [0] * (1 + half) + [1] * half
 
 
-def _needle_document(rng, haystack, length, tokenizer, max_needles=1):
+def _needle_document(rng, haystack, length, tokenizer, max_needles=1, far=False):
     """At most `length` tokens: the prompt leaves room for the longest answer. With `max_needles`
-    > 1, 1..max_needles needles (as many as fit) are hidden and all are asked for."""
+    > 1, 1..max_needles needles (as many as fit) are hidden and all are asked for. `far` draws
+    the depth as u^2 (u uniform; all needles at it), towards the start, where a needle lies
+    farthest from the question: a quarter of them in the first 6% of the document."""
     count = 1
     if max_needles > 1:
         count = int(rng.integers(1, min(max_needles, 1 + (length - MIN_NEEDLE) // EXTRA_NEEDLE_ROOM) + 1))
-    example = needle_example(rng, length - count * ANSWER_ROOM, num_needles=count, num_asked=count,
+    depth = float(rng.random() ** 2) if far else None
+    example = needle_example(rng, length - count * ANSWER_ROOM, depth=depth, num_needles=count, num_asked=count,
                              tokenizer=tokenizer, haystack=haystack)
     return example.prompt + example.answer, [0] * len(example.prompt) + [1] * len(example.answer)
 
@@ -134,9 +137,9 @@ def packed_batch(
     `copy_fraction`, corpus text otherwise.
 
     Packed documents have random lengths, so a needle far from its question is rare: in a row of
-    L tokens, one at distance > 3L/4 in 4% of needle documents. `long_needle_fraction` of the
-    needle rows hold instead one document as long as the row, whose needle lies at a uniform
-    depth: every distance up to L trained as often as any other.
+    L tokens, about 3 in 100 needle rows hold one farther than 3L/4. `long_needle_fraction` of the
+    needle rows hold instead one document as long as the row, its needle drawn towards the start
+    (depth u^2): 5 in 10 of them farther than 3L/4, 1 in 4 farther than 0.94L.
     """
     check_row_fractions(needle_fraction, repeat_fraction, copy_fraction)
     check_max_needles(max_needles)
@@ -156,6 +159,8 @@ def packed_batch(
             document, shortest = functools.partial(_needle_document, max_needles=max_needles), MIN_NEEDLE
             # drawn only when asked for, so that other runs' batches stay as they were
             whole_row = long_needle_fraction > 0 and rng.random() < long_needle_fraction
+            if whole_row:
+                document = functools.partial(_needle_document, max_needles=max_needles, far=True)
         elif needle_fraction <= kind < needle_fraction + repeat_fraction:
             document, shortest = _repeat_document, MIN_DOCUMENT
         elif needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:

@@ -73,10 +73,10 @@ def test_long_needle_rows_hold_one_row_long_document_with_the_needle_at_any_dist
     assert np.all(long["segment_ids"].max(axis=1) == 1)
     assert np.all((long["segment_ids"] > 0).sum(axis=1) >= seq_len - 12)
     packed = packed_batch(2, 0, batch_size=rows, seq_len=seq_len, needle_fraction=1.0)
-    # Uniform depths in row-long documents: a quarter of the needles lie beyond 3/4 of the row,
-    # where packed documents of random lengths put about 3 in 100.
+    # Row-long documents with their depth drawn towards the start put half their needles beyond
+    # 3/4 of the row from the question, where packed documents of random lengths put 3 in 100.
     far_long, far_packed = np.mean(distances(long) > 0.75), np.mean(distances(packed) > 0.75)
-    assert far_long > 0.12 and far_packed < 0.1, (far_long, far_packed)
+    assert far_long > 0.35 and far_packed < 0.1, (far_long, far_packed)
     for fraction in (-0.1, 1.5, True):
         with pytest.raises(ValueError, match=f"long_needle_fraction must lie in \\[0, 1\\], got {fraction!r}"):
             packed_batch(0, 0, batch_size=1, seq_len=seq_len, long_needle_fraction=fraction)
