@@ -103,8 +103,8 @@ def build_parser():
     train.add_argument("--copy-fraction", type=float,
                        help="share of rows that are random tokens followed by the same tokens (default 0)")
     train.add_argument("--long-needle-fraction", type=float,
-                       help="share of the retrieval rows holding one row-long document, its needle at any distance "
-                            "from the question (default 0; the main job: 0.5)")
+                       help="share of the retrieval rows holding one row-long document, its needle drawn towards the "
+                            "start, far from the question (default 0; the main job: 0.5)")
     train.add_argument("--max-needles", type=_positive_int, default=1,
                        help="needles per retrieval example, each asked for (default 1; more: 1..N drawn per example)")
     train.add_argument("--seed", type=int, default=0)

@@ -156,11 +156,10 @@ def packed_batch(
         kind = rng.random()
         whole_row = False
         if kind < needle_fraction and seq_len >= MIN_NEEDLE:
-            document, shortest = functools.partial(_needle_document, max_needles=max_needles), MIN_NEEDLE
             # drawn only when asked for, so that other runs' batches stay as they were
             whole_row = long_needle_fraction > 0 and rng.random() < long_needle_fraction
-            if whole_row:
-                document = functools.partial(_needle_document, max_needles=max_needles, far=True)
+            document = functools.partial(_needle_document, max_needles=max_needles, far=whole_row)
+            shortest = MIN_NEEDLE
         elif needle_fraction <= kind < needle_fraction + repeat_fraction:
             document, shortest = _repeat_document, MIN_DOCUMENT
         elif needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:

@@ -58,7 +58,8 @@ TINY_STAGES = (Stage(512, 1e4, 250), Stage(2048, 1e5, 50))
 # rope_theta 3e5, then 100 of 2 x 8192 at 1e6, every batch 16K tokens, half the rows needle
 # questions so that retrieval carries over. A third of the peak rate the model was trained with
 # from scratch (3e-3 forgets retrieval at 2K on some seeds), and half the needle rows one
-# row-long document, so that the longest distances are trained as often as the short ones.
+# row-long document with its needle drawn towards the start, so that the longest distances,
+# which packed documents rarely hold, are trained.
 # TrainConfig fields; flags given beside it override them.
 MAIN_JOB = dict(
     init_from="lwm-tiny-retrieval",

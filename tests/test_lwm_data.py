@@ -52,7 +52,7 @@ def test_needle_rows_train_only_on_the_answer():
             assert mask[idx][-1] == 1 and mask[idx].sum() == 9  # a space, 7 digits, the end of sequence
 
 
-def test_long_needle_rows_hold_one_row_long_document_with_the_needle_at_any_distance():
+def test_long_needle_rows_hold_one_row_long_document_with_the_needle_far_from_the_question():
     tokenizer = default_tokenizer()
     seq_len, rows = 512, 64
 
