@@ -1,4 +1,4 @@
-"""python -m model_zoo {train, generate, eval-needle, export, convert, plan}: the model zoo's command line."""
+"""python -m model_zoo {train, generate, eval-needle, eval-loss, export, convert, plan}: the command line."""
 
 import argparse
 import json
@@ -86,7 +86,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train (or resume training) with progressive context")
-    train.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    train.add_argument("--preset",
+                       help="model preset (default: --init-from's model when it names one, else tiny)")
     train.add_argument("--workdir", required=True, type=pathlib.Path, help="checkpoints, metrics.jsonl, loss.png")
     train.add_argument("--steps", type=_positive_int, help="total steps, split over the stages in their proportions")
     train.add_argument("--stages", type=_stages,
@@ -98,7 +99,18 @@ def build_parser():
     train.add_argument("--tokens-per-batch", type=_positive_int,
                        help="rows per batch of each stage = this // its length, the same tokens in every batch")
     train.add_argument("--learning-rate", type=float, help="peak learning rate (default 3e-3; the main job: 1e-3)")
-    train.add_argument("--needle-fraction", type=float, help="share of rows that are retrieval examples (default 0.5)")
+    train.add_argument("--data", nargs="+", metavar="FILE",
+                       help="train on these files or globs instead of the embedded corpus: JSON lines (.jsonl, "
+                            ".jsonl.gz), Parquet, plain text (.txt, a file a document), ArrayRecord (JSON records) "
+                            "or a Hugging Face dataset folder (save_to_disk); rows with 'messages' or 'prompt' + "
+                            "'completion' are conversations, trained on the answers")
+    train.add_argument("--data-field", default="text", help="the text field of --data's rows (default text)")
+    train.add_argument("--tokenizer", type=pathlib.Path,
+                       help="a SentencePiece .model or a Hugging Face tokenizer.json (default: --init-from's own, "
+                            "else the shipped one)")
+    train.add_argument("--needle-fraction", type=float,
+                       help="share of rows that are retrieval examples (default 0.5; with --data 0, and their "
+                            "haystacks are drawn from the data)")
     train.add_argument("--repeat-fraction", type=float, help="share of rows that are repeated passages (default 0)")
     train.add_argument("--copy-fraction", type=float,
                        help="share of rows that are random tokens followed by the same tokens (default 0)")
@@ -130,7 +142,8 @@ def build_parser():
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt in the chat template (for chat models such as LWM-Text-Chat); by default "
                           "the model continues the prompt's text, which suits models trained here")
-    gen.add_argument("--tokenizer", type=pathlib.Path, help="SentencePiece model (default: the shipped one)")
+    gen.add_argument("--tokenizer", type=pathlib.Path,
+                     help="a SentencePiece .model or tokenizer.json (default: the model's own, else the shipped one)")
     gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
     gen.add_argument("--attention-strategy", choices=STRATEGIES, help="the prefill's attention (default: the model's)")
 
@@ -149,6 +162,19 @@ def build_parser():
     needle.add_argument("--out", type=pathlib.Path,
                         help="where needle.json/png go (default: the model's folder; runs/NAME for a shipped model)")
     needle.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+
+    loss = commands.add_parser("eval-loss", help="held-out documents' loss by token position (is the context used?)")
+    loss.add_argument("--model", required=True, action="append",
+                      help=MODEL_HELP + "; give --model several times to compare models on the same documents")
+    loss.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                      help="held-out files or globs (as train --data)")
+    loss.add_argument("--data-field", default="text")
+    loss.add_argument("--seq-len", required=True, type=_positive_int, help="tokens scored per document, from its start")
+    loss.add_argument("--documents", type=_positive_int, help="score at most this many documents, in file order")
+    loss.add_argument("--batch-size", type=_positive_int, default=2, help="documents a forward pass")
+    loss.add_argument("--out", type=pathlib.Path, required=True, help="where loss.json and loss.png go")
+    loss.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+    loss.add_argument("--no-progress", action="store_true")
 
     export = commands.add_parser("export", help="a trained workdir -> a self-contained model folder with provenance")
     export.add_argument("--workdir", required=True, type=pathlib.Path, help="a training workdir, eval-needle run on it")
@@ -183,8 +209,8 @@ def main(argv=None):
     if flag not in os.environ.get("XLA_FLAGS", ""):  # read when the CPU backend starts, so before any use
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.cpu_devices}".strip()
     try:
-        commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "export": _export,
-                    "convert": _convert, "plan": _plan}
+        commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "eval-loss": _eval_loss,
+                    "export": _export, "convert": _convert, "plan": _plan}
         commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -229,12 +255,21 @@ def _train(args):
         Stage,
         TrainConfig,
         train,
+        training_batches,
         training_mesh,
+        training_tokenizer,
     )
     from model_zoo.train import RECIPES as RECIPE_SETTINGS
 
-    model = preset(args.preset)
+    model = preset(args.preset or "tiny")
+    if args.preset is None and args.init_from not in (None, "none"):  # the model it starts from, as it is
+        from model_zoo.checkpoint import read_config
+        from model_zoo.shipped import resolve_model
+
+        model = read_config(resolve_model(args.init_from))
     settings = dict(TRAIN_DEFAULTS, init_from=args.init_from)
+    if args.data:
+        settings["needle_fraction"] = 0.0  # the user's documents alone, unless retrieval rows are asked for
     if args.recipe:
         recipe = RECIPE_SETTINGS[args.recipe]
         given = [name for name in (*recipe, "steps") if getattr(args, name, None) is not None]
@@ -244,9 +279,9 @@ def _train(args):
         settings.update(recipe)
     elif args.stages:
         settings["stages"] = tuple(Stage(*s) for s in args.stages)
-    elif args.preset == "tiny" and args.init_from is None:  # the main job: extend the shipped model's context
+    elif args.preset in (None, "tiny") and args.init_from is None:  # the main job: extend the shipped model's context
         settings.update(MAIN_JOB)
-    elif args.preset == "tiny":
+    elif args.preset in (None, "tiny"):
         settings["stages"] = TINY_STAGES
     else:
         raise ValueError(f"--stages is required for preset {args.preset!r} (only 'tiny' has default stages)")
@@ -271,12 +306,15 @@ def _train(args):
         save_every=settings["save_every"], keep_checkpoints=args.keep,
         mesh=args.mesh, params_over_sequence=args.params_over_sequence,
         init_from=None if init_from == "none" else init_from,
+        data=tuple(args.data or ()), data_field=args.data_field,
+        tokenizer=None if args.tokenizer is None else str(args.tokenizer),
     )
-    training_mesh(cfg)  # refused here, before the workdir exists
+    mesh = training_mesh(cfg)  # refused here, before the workdir exists
     if cfg.init_from is not None:
         from model_zoo.shipped import resolve_model
 
         resolve_model(cfg.init_from)
+    training_batches(cfg, mesh, training_tokenizer(cfg), log=lambda _: None)  # data and tokenizer checked, likewise
     _check_same_run(args.workdir, cfg)
     with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
         log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
@@ -326,10 +364,12 @@ def _load(model, mesh_axes):
     return mesh, config, params
 
 
-def _tokenizer(path):
-    from model_zoo.tokenizer import Tokenizer, default_tokenizer
+def _tokenizer(path, model):
+    """--tokenizer, else the model's own, else the shipped one."""
+    from model_zoo.shipped import resolve_model
+    from model_zoo.tokenizer import load_tokenizer, model_tokenizer
 
-    return Tokenizer(path) if path else default_tokenizer()
+    return load_tokenizer(path) if path else model_tokenizer(resolve_model(model))
 
 
 def _generate(args):
@@ -337,16 +377,13 @@ def _generate(args):
 
     from model_zoo.corpus import chat_prompt
     from model_zoo.generate import generate
+    from model_zoo.tokenizer import check_fits
 
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = _tokenizer(args.tokenizer, args.model)
     mesh, config, params = _load(args.model, args.mesh)
     if args.attention_strategy:
         config = config.replace(attention_strategy=args.attention_strategy)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"the tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-            f"has {config.vocab_size}: pass the model's own tokenizer with --tokenizer"
-        )
+    check_fits(tokenizer, config.vocab_size)
     text = chat_prompt(args.prompt) if args.chat else args.prompt
     prompt = [tokenizer.bos_id] + tokenizer.encode(text)
     emitted = []
@@ -389,7 +426,8 @@ def _eval_needle(args):
 
     with jax.set_mesh(mesh):
         scores = evaluate_needles(params, config, lengths=lengths, depths=args.depths, trials=args.trials,
-                                  num_needles=args.needles, num_asked=args.asked, seed=args.seed, on_cell=report)
+                                  num_needles=args.needles, num_asked=args.asked, seed=args.seed, on_cell=report,
+                                  tokenizer=_tokenizer(None, args.model))
     print(format_table(scores, lengths, args.depths))
     out = args.out or _needle_out(args.model)
     save_results(out, np.asarray(scores), lengths, args.depths, trials=args.trials,
@@ -430,8 +468,38 @@ def _export(args):
         "jax": jax.__version__,
     }
     export_model(args.out, config, params, provenance)
+    from model_zoo.tokenizer import copy_tokenizer, folder_tokenizer
+
+    if (tokenizer := folder_tokenizer(workdir)) is not None:
+        copy_tokenizer(tokenizer, args.out)
     print(f"wrote {args.out}: {len(metrics)} steps, {provenance['tokens']:,} tokens, "
           f"needle accuracy {needle['accuracy']:.2f}")
+
+
+def _eval_loss(args):
+    import jax
+
+    from model_zoo.documents import Documents
+    from model_zoo.position_loss import evaluate_position_loss, format_table, save_results
+    from model_zoo.tokenizer import check_fits
+
+    documents = Documents(args.data, args.data_field)
+    print(f"data: {documents.describe()}")
+    results = {}
+    for model in args.model:
+        tokenizer = _tokenizer(None, model)
+        mesh, config, params = _load(model, args.mesh)
+        check_fits(tokenizer, config.vocab_size)
+        if args.seq_len > config.max_position_embeddings:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds {model}'s {config.max_position_embeddings} positions")
+        with jax.set_mesh(mesh):
+            results[model] = evaluate_position_loss(
+                params, config, documents, tokenizer, mesh=mesh, seq_len=args.seq_len, max_documents=args.documents,
+                batch_size=args.batch_size, progress=not args.no_progress, desc=model,
+            )
+    print(format_table(results))
+    save_results(args.out, results, seq_len=args.seq_len, data=[str(p) for p in documents.paths])
+    print(f"wrote {args.out / 'loss.json'} and {args.out / 'loss.png'}")
 
 
 def _convert(args):

@@ -127,6 +127,16 @@ def save_model(directory, config, params):
     (directory / "model.json").write_text(json.dumps({"config": config.to_dict(), "dtype": dtype}, indent=2) + "\n")
 
 
+def read_config(path) -> LWMConfig:
+    """The config of a model folder or training workdir, without reading its parameters."""
+    path = pathlib.Path(path)
+    if (path / "model.json").is_file():
+        return LWMConfig.from_dict(json.loads((path / "model.json").read_text())["config"])
+    if (path / "run.json").is_file():
+        return LWMConfig.from_dict(json.loads((path / "run.json").read_text())["model"])
+    raise FileNotFoundError(f"{str(path)!r} is neither a model folder (model.json) nor a training workdir (run.json)")
+
+
 def load_model(path, mesh=None):
     """(config, params) from a model folder (`save_model`, `python -m model_zoo convert`, or a
     shipped model's params.safetensors) or from a training workdir (the parameters of its newest

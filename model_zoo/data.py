@@ -147,39 +147,63 @@ def packed_batch(
     tokenizer = tokenizer or default_tokenizer()
     haystack = corpus_tokens(tokenizer)
     rng = np.random.default_rng([seed, step, seq_len])
-    fields = ("inputs", "targets", "segment_ids", "positions")
-    batch = {name: np.zeros((batch_size, seq_len), np.int32) for name in fields}
-    batch["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
+    batch = empty_batch(batch_size, seq_len)
     for row in range(batch_size):
-        # A row holds one kind of document, so per-row loss normalisation weighs retrieval
-        # (a few answer tokens per document) as much as language modelling.
-        kind = rng.random()
-        whole_row = False
-        if kind < needle_fraction and seq_len >= MIN_NEEDLE:
-            # drawn only when asked for, so that other runs' batches stay as they were
-            whole_row = long_needle_fraction > 0 and rng.random() < long_needle_fraction
-            document = functools.partial(_needle_document, max_needles=max_needles, far=whole_row)
-            shortest = MIN_NEEDLE
-        elif needle_fraction <= kind < needle_fraction + repeat_fraction:
-            document, shortest = _repeat_document, MIN_DOCUMENT
-        elif needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:
-            document, shortest = _copy_document, MIN_DOCUMENT
-        else:
-            document, shortest = _text_document, MIN_DOCUMENT
-        used, segment = 0, 0
-        while seq_len - used >= shortest:
-            if whole_row and used == 0:
-                length = seq_len
-            else:
-                length = min(seq_len - used, int(rng.integers(shortest, seq_len + 1)))
-            ids, mask = document(rng, haystack, length + 1, tokenizer)
-            n = len(ids) - 1  # next-token pairs
-            segment += 1
-            cols = slice(used, used + n)
-            batch["inputs"][row, cols] = ids[:-1]
-            batch["targets"][row, cols] = ids[1:]
-            batch["loss_mask"][row, cols] = mask[1:]
-            batch["segment_ids"][row, cols] = segment
-            batch["positions"][row, cols] = np.arange(n)
-            used += n
+        kind = row_kind(rng, seq_len, needle_fraction=needle_fraction, repeat_fraction=repeat_fraction,
+                        copy_fraction=copy_fraction, max_needles=max_needles, long_needle_fraction=long_needle_fraction)
+        fill_row(batch, row, rng, kind, haystack, tokenizer)
     return batch
+
+
+def empty_batch(rows, seq_len):
+    batch = {name: np.zeros((rows, seq_len), np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
+    batch["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class RowKind:
+    """What one row holds: documents made by `document` (at least `shortest` tokens each), the
+    first as long as the row when `whole_row`. `text`: slices of the text itself."""
+
+    document: object
+    shortest: int
+    whole_row: bool = False
+    text: bool = False
+
+
+def row_kind(rng, seq_len, *, needle_fraction, repeat_fraction, copy_fraction, max_needles, long_needle_fraction):
+    """Draws a row's kind. A row holds one kind of document, so per-row loss normalisation weighs
+    retrieval (a few answer tokens per document) as much as language modelling."""
+    kind = rng.random()
+    if kind < needle_fraction and seq_len >= MIN_NEEDLE:
+        # drawn only when asked for, so that other runs' batches stay as they were
+        whole_row = long_needle_fraction > 0 and rng.random() < long_needle_fraction
+        document = functools.partial(_needle_document, max_needles=max_needles, far=whole_row)
+        return RowKind(document, MIN_NEEDLE, whole_row)
+    if needle_fraction <= kind < needle_fraction + repeat_fraction:
+        return RowKind(_repeat_document, MIN_DOCUMENT)
+    if needle_fraction + repeat_fraction <= kind < needle_fraction + repeat_fraction + copy_fraction:
+        return RowKind(_copy_document, MIN_DOCUMENT)
+    return RowKind(_text_document, MIN_DOCUMENT, text=True)
+
+
+def fill_row(batch, row, rng, kind: RowKind, haystack, tokenizer):
+    """Packs documents of `kind`, drawn from `haystack` tokens, into `batch`'s `row`."""
+    seq_len = batch["inputs"].shape[1]
+    used, segment = 0, 0
+    while seq_len - used >= kind.shortest:
+        if kind.whole_row and used == 0:
+            length = seq_len
+        else:
+            length = min(seq_len - used, int(rng.integers(kind.shortest, seq_len + 1)))
+        ids, mask = kind.document(rng, haystack, length + 1, tokenizer)
+        n = len(ids) - 1  # next-token pairs
+        segment += 1
+        cols = slice(used, used + n)
+        batch["inputs"][row, cols] = ids[:-1]
+        batch["targets"][row, cols] = ids[1:]
+        batch["loss_mask"][row, cols] = mask[1:]
+        batch["segment_ids"][row, cols] = segment
+        batch["positions"][row, cols] = np.arange(n)
+        used += n

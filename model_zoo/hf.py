@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from model_zoo.checkpoint import parameter_placement, save_model
 from model_zoo.config import LWMConfig
+from model_zoo.tokenizer import check_fits, copy_tokenizer, folder_tokenizer
 
 # Hugging Face name inside a layer -> our stacked parameter. Linear weights are [out, in] there and
 # [in, out] here; the norms are vectors.
@@ -147,9 +148,14 @@ def load_hf_checkpoint(path, dtype=jnp.float32, mesh=None):
 
 
 def convert_checkpoint(hf_path, out_dir, dtype=jnp.float32) -> LWMConfig:
-    """Writes a Hugging Face LLaMA checkpoint as a model folder (`model_zoo.checkpoint.save_model`)."""
+    """Writes a Hugging Face LLaMA checkpoint as a model folder (`model_zoo.checkpoint.save_model`),
+    with its tokenizer (tokenizer.json or tokenizer.model) when it has one."""
     config, params = load_hf_checkpoint(hf_path, dtype)
     save_model(out_dir, config, params)
+    tokenizer = folder_tokenizer(hf_path)
+    if tokenizer is not None:
+        check_fits(tokenizer, config.vocab_size)
+        copy_tokenizer(tokenizer, out_dir)
     return config
 
 

@@ -2,8 +2,9 @@
 
 `train(TrainConfig(...), workdir)` runs every stage in turn, each continuing from the last with a
 longer sequence and a larger rotary theta. Running it again in the same workdir resumes from the
-newest readable checkpoint and reproduces the uninterrupted run exactly (the batch for a step is a
-function of the seed and the step).
+newest readable checkpoint and reproduces the uninterrupted run exactly: on the embedded corpus the
+batch for a step is a function of the seed and the step; on the user's documents (`data`) each
+checkpoint keeps the loader's position beside the model.
 """
 
 import dataclasses
@@ -24,9 +25,12 @@ from tqdm import tqdm
 from model_zoo.checkpoint import Checkpoints, load_model
 from model_zoo.config import LWMConfig, check_positive_ints
 from model_zoo.data import check_long_needle_fraction, check_max_needles, check_row_fractions, packed_batch
+from model_zoo.documents import Documents
+from model_zoo.loader import DocumentBatches
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
 from model_zoo.sharding import ZERO_AXES, batch_sharding, check_mesh_shapes, make_mesh, param_shardings
 from model_zoo.shipped import resolve_model
+from model_zoo.tokenizer import check_fits, copy_tokenizer, default_tokenizer, folder_tokenizer, load_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +106,12 @@ class TrainConfig:
     # Parameters and optimizer state sharded over the sequence and data axes too (ZeRO-3 over every
     # device), not only fsdp/tp: what lets a 7B model's AdamW state fit beside a 1M-token context.
     params_over_sequence: bool = False
+    # The user's documents (files or globs, model_zoo.documents) instead of the embedded corpus; the
+    # row kinds above then draw their text from them.
+    data: tuple[str, ...] = ()
+    data_field: str = "text"
+    # A SentencePiece .model or a tokenizer.json; None: init_from's own, else the shipped one.
+    tokenizer: str | None = None
 
     def __post_init__(self):
         if not self.stages:
@@ -119,6 +129,8 @@ class TrainConfig:
         check_row_fractions(self.needle_fraction, self.repeat_fraction, self.copy_fraction)
         check_max_needles(self.max_needles)
         check_long_needle_fraction(self.long_needle_fraction)
+        if isinstance(self.data, str) or not all(isinstance(d, str) for d in self.data):
+            raise ValueError(f"data must be a tuple of file names or globs, got {self.data!r}")
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
             raise ValueError(
@@ -258,12 +270,17 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
+    tokenizer = training_tokenizer(cfg)
+    copy_tokenizer(tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
+    batches = training_batches(cfg, mesh, tokenizer)
     with jax.set_mesh(mesh):
         state = initial_state(cfg, mesh)
         restored = checkpoints.restore_latest(state)
         start = 0
         if restored is not None:
-            start, state, _ = restored
+            start, state, record = restored
+            if batches.documents is not None:
+                batches.restore(record["data_state"])
             print(f"resuming from the checkpoint at step {start} in {checkpoints.directory}")
         elif cfg.init_from is not None:
             params = _initial_params(cfg, mesh, state["params"])
@@ -272,10 +289,100 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
             state["opt_state"] = init_optimizer(make_optimizer(cfg), state["params"])
             print(f"starting from the parameters in {cfg.init_from}")
         _keep_metrics_before(metrics_path, start)
-        state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress)
+        state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches)
     checkpoints.close()
     plot_losses(metrics_path, workdir / "loss.png", cfg)
     return state
+
+
+def training_tokenizer(cfg: TrainConfig):
+    """`cfg.tokenizer`, else the one `cfg.init_from` carries, else the shipped one; refused when
+    its ids reach past the model's vocabulary."""
+    if cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif cfg.init_from is not None:
+        tokenizer = folder_tokenizer(resolve_model(cfg.init_from)) or default_tokenizer()
+    else:
+        tokenizer = default_tokenizer()
+    check_fits(tokenizer, cfg.model.vocab_size)
+    return tokenizer
+
+
+class TrainingBatches:
+    """The batch of each step, on the host: from the embedded corpus (a function of seed and step)
+    or from the user's documents (`model_zoo.loader`, read in step order, its state checkpointed).
+    Each process builds the rows of the data shards its devices hold."""
+
+    def __init__(self, cfg: TrainConfig, mesh, tokenizer, documents=None):
+        self.cfg, self.mesh, self.tokenizer, self.documents = cfg, mesh, tokenizer, documents
+        self.sharding = batch_sharding(mesh)
+        shape = dict(mesh.shape)
+        self.num_shards = shape.get("dp", 1) * shape.get("fsdp", 1)
+        self.loader = None
+        if documents is not None:
+            self.loader = DocumentBatches(
+                documents, tokenizer, seed=cfg.seed, num_shards=self.num_shards, shards=self._local_shards(),
+                needle_fraction=cfg.needle_fraction, repeat_fraction=cfg.repeat_fraction,
+                copy_fraction=cfg.copy_fraction, max_needles=cfg.max_needles,
+                long_needle_fraction=cfg.long_needle_fraction,
+            )
+
+    def _local_shards(self):
+        """The data shards whose rows sit on this process's devices (with rows = shards, one each)."""
+        rows = self.num_shards
+        indices = self.sharding.addressable_devices_indices_map((rows, self.mesh.devices.size)).values()
+        return sorted({i for index in indices for i in range(rows)[index[0]]})
+
+    def host_batch(self, step, stage):
+        rows = self.cfg.rows(stage)
+        if self.loader is None:
+            return packed_batch(
+                self.cfg.seed, step, batch_size=rows, seq_len=stage.seq_len,
+                needle_fraction=self.cfg.needle_fraction, repeat_fraction=self.cfg.repeat_fraction,
+                copy_fraction=self.cfg.copy_fraction, max_needles=self.cfg.max_needles,
+                long_needle_fraction=self.cfg.long_needle_fraction, tokenizer=self.tokenizer,
+            )
+        return self.loader.batch(step, rows, stage.seq_len)
+
+    def device_batch(self, host_batch):
+        """The global batch: each process supplies the parts its devices hold."""
+        return {name: jax.make_array_from_callback(values.shape, self.sharding, lambda index, v=values: v[index])
+                for name, values in host_batch.items()}
+
+    def check_enough(self, stage):
+        if self.loader is not None:
+            self.loader.check_enough(self.cfg.rows(stage), stage.seq_len)
+
+    def state(self):
+        """The loader's position in every data shard (gathered from the processes that read them), or None."""
+        if self.loader is None:
+            return None
+        state = self.loader.state
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            local = np.full((self.num_shards, 2), -1, np.int64)
+            for shard, position in state.items():
+                local[int(shard)] = position
+            gathered = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+            state = {str(d): [int(x) for x in gathered[d]] for d in range(self.num_shards)}
+        return state
+
+    def restore(self, state):
+        self.loader.restore(state)
+
+
+def training_batches(cfg: TrainConfig, mesh, tokenizer, log=print) -> TrainingBatches:
+    """The run's batches; the user's documents are opened (and every record checked) here, and
+    refused if they cannot fill a batch of every stage, before any step."""
+    documents = None
+    if cfg.data:
+        documents = Documents(cfg.data, cfg.data_field)
+        log(f"data: {documents.describe()}")
+    batches = TrainingBatches(cfg, mesh, tokenizer, documents)
+    for stage in cfg.stages:
+        batches.check_enough(stage)
+    return batches
 
 
 def _initial_params(cfg, mesh, template):
@@ -289,7 +396,7 @@ def _initial_params(cfg, mesh, template):
     return params
 
 
-def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
+def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches):
     tx = make_optimizer(cfg)
     steps_by_stage = {}
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -301,13 +408,9 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
                 shardings = jax.tree.map(lambda x: x.sharding, state) if cfg.params_over_sequence else None
                 steps_by_stage[index] = train_step(tx, cfg.stage_model(stage), shardings)
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
-            host_batch = packed_batch(
-                cfg.seed, step, batch_size=cfg.rows(stage), seq_len=stage.seq_len, needle_fraction=cfg.needle_fraction,
-                repeat_fraction=cfg.repeat_fraction, copy_fraction=cfg.copy_fraction, max_needles=cfg.max_needles,
-                long_needle_fraction=cfg.long_needle_fraction,
-            )
-            tokens = int(np.count_nonzero(host_batch["segment_ids"]))
-            batch = jax.device_put(host_batch, batch_sharding(mesh))
+            host_batch = batches.host_batch(step, stage)
+            tokens = int(np.count_nonzero(host_batch["segment_ids"]))  # this process's rows
+            batch = batches.device_batch(host_batch)
             began = time.perf_counter()
             state, out = steps_by_stage[index](state, batch)
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
@@ -326,7 +429,8 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress):
             bar.update()
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.total_steps or done == _stage_end(cfg, index):
-                record = {"stage": index, "data_seed": cfg.seed, "model": cfg.stage_model(stage).to_dict()}
+                record = {"stage": index, "data_seed": cfg.seed, "model": cfg.stage_model(stage).to_dict(),
+                          "data_state": batches.state()}
                 checkpoints.save(done, state, record)
                 last_saved = done
     bar.close()

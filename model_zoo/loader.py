@@ -1,0 +1,178 @@
+"""The user's documents as training batches: Grain shuffles and shards them, they are tokenized
+(conversations in the chat template, the loss on the answers only) and packed into rows with
+segment ids, positions restarting per document and a loss mask.
+
+Data shards follow the mesh's data-parallel ranks (dp x fsdp): rank d reads the documents at d,
+d + D, d + 2D, ... of the seeded global shuffle (reshuffled each epoch), and a process reads only
+the shards of the rows its devices hold. So two processes of 4 devices build the same global batch
+as one of 8, each reading its own shard. (Processes that split one rank's rows over the sequence
+read that rank's shard alike: each holds a part of the same rows.)
+
+Packing is next-fit: documents go into the row in order; one that does not fit the room left
+starts the next row, and one longer than a row is cut into row-long pieces, each a segment of its
+own with positions from 0. A shard's position is (document, token offset), which is all that a
+checkpoint needs to resume the stream bit for bit, and which carries over when a context stage
+changes the row length. (Grain's own packers keep a buffer tied to one row length.)
+
+With `needle_fraction` and the other row kinds of `model_zoo.data`, a row's kind is drawn per row;
+a retrieval row's haystack is the text of the row it replaces, so the shard advances the same.
+"""
+
+import grain
+import numpy as np
+
+from model_zoo.corpus import chat_prompt
+from model_zoo.data import MIN_NEEDLE, empty_batch, fill_row, row_kind
+from model_zoo.documents import DataError
+
+SYSTEM_PROMPT = chat_prompt("\x00").split(" USER:")[0]  # "You are a helpful assistant."
+
+
+def encode_record(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss mask) of one document: bos, text, eos, every token trained on; or a conversation
+    in the chat template (`model_zoo.corpus.CHAT_TEMPLATE`), each assistant answer followed by eos,
+    only the answers and their eos trained on."""
+    if isinstance(record, str):
+        ids = [tokenizer.bos_id, *tokenizer.encode(record), tokenizer.eos_id]
+        return np.asarray(ids, np.int32), np.ones(len(ids), np.float32)
+    messages = record["messages"]
+    system = SYSTEM_PROMPT
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    ids, mask, prompt = [tokenizer.bos_id], [0.0], system
+    for message in messages:
+        if message["role"] == "assistant":
+            # The prompt so far is encoded whole, as generate --chat encodes it.
+            prompt_ids = tokenizer.encode(prompt + " ASSISTANT:")
+            answer = [*tokenizer.encode(" " + message["content"]), tokenizer.eos_id]
+            ids += prompt_ids + answer
+            mask += [0.0] * len(prompt_ids) + [1.0] * len(answer)
+            prompt = ""
+        else:  # a user turn (a later system message reads as one)
+            prompt += " USER: " + message["content"]
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+
+class ShardStream:
+    """One data shard's documents, tokenized, packed into rows of any length in turn."""
+
+    def __init__(self, documents, tokenizer, *, seed: int, shard: int, num_shards: int):
+        if len(documents) < num_shards:
+            raise DataError(f"--data holds {len(documents)} documents, fewer than the {num_shards} data shards "
+                            "(the mesh's dp x fsdp)")
+        self._documents = (
+            grain.MapDataset.source(documents).shuffle(seed=seed).repeat()[shard::num_shards]
+            .map(lambda record: encode_record(record, tokenizer))
+        )
+        self.per_epoch = len(range(shard, len(documents), num_shards))  # an epoch's share, about
+        self.document, self.offset = 0, 0  # the next token to pack
+        self._cached = (None, None)
+
+    def _tokens(self, index):
+        if self._cached[0] != index:  # a long document is read once for all its pieces
+            self._cached = (index, self._documents[index])
+        return self._cached[1]
+
+    def next_row(self, seq_len: int) -> dict:
+        """inputs, targets, loss_mask, segment_ids and positions of the next row, [seq_len] each."""
+        row = {k: v[0] for k, v in empty_batch(1, seq_len).items()}
+        used, segment = 0, 0
+        while True:
+            ids, mask = self._tokens(self.document)
+            pairs = len(ids) - 1
+            piece = min(pairs - self.offset, seq_len)
+            if piece > seq_len - used:
+                return row
+            cols, take = slice(used, used + piece), slice(self.offset, self.offset + piece)
+            row["inputs"][cols] = ids[take]
+            row["targets"][cols] = ids[1:][take]
+            row["loss_mask"][cols] = mask[1:][take]
+            segment += 1
+            row["segment_ids"][cols] = segment
+            row["positions"][cols] = np.arange(piece)
+            used += piece
+            self.offset += piece
+            if self.offset == pairs:
+                self.document, self.offset = self.document + 1, 0
+
+    @property
+    def state(self) -> list[int]:
+        return [self.document, self.offset]
+
+    @state.setter
+    def state(self, value):
+        self.document, self.offset = int(value[0]), int(value[1])
+
+
+class DocumentBatches:
+    """Batches from the user's documents, built in step order; `state` is what a checkpoint keeps.
+
+    `shards`: the data shards this process builds rows for (all of them in one process); rows of
+    other shards are left as padding, for the processes that hold them.
+    """
+
+    def __init__(self, documents, tokenizer, *, seed: int, num_shards: int = 1, shards=None, needle_fraction=0.0,
+                 repeat_fraction=0.0, copy_fraction=0.0, max_needles=1, long_needle_fraction=0.0):
+        self.seed, self.num_shards, self.tokenizer = seed, num_shards, tokenizer
+        self.shards = sorted(range(num_shards) if shards is None else shards)
+        self.streams = {d: ShardStream(documents, tokenizer, seed=seed, shard=d, num_shards=num_shards)
+                        for d in self.shards}
+        self.kinds = dict(needle_fraction=needle_fraction, repeat_fraction=repeat_fraction,
+                          copy_fraction=copy_fraction, max_needles=max_needles,
+                          long_needle_fraction=long_needle_fraction)
+
+    def batch(self, step: int, rows: int, seq_len: int) -> dict:
+        if rows % self.num_shards:
+            raise ValueError(f"{rows} rows do not split over {self.num_shards} data shards")
+        per_shard = rows // self.num_shards
+        batch = empty_batch(rows, seq_len)
+        for row in range(rows):
+            stream = self.streams.get(row // per_shard)
+            if stream is None:
+                continue
+            rng = np.random.default_rng([self.seed, step, seq_len, row])  # the same in any process
+            kind = row_kind(rng, seq_len, **self.kinds)
+            text = stream.next_row(seq_len)
+            if kind.text:
+                for name, values in text.items():
+                    batch[name][row] = values
+            else:
+                fill_row(batch, row, rng, kind, self._haystack(stream, text, seq_len), self.tokenizer)
+        return batch
+
+    @staticmethod
+    def _haystack(stream, row, seq_len):
+        """The row's text tokens, topped up from the rows after it to more than a row (what a
+        row-long needle document needs: its filler is cut from a haystack longer than itself)."""
+        parts = [row["inputs"][row["segment_ids"] > 0]]
+        while sum(map(len, parts)) <= seq_len + MIN_NEEDLE:
+            more = stream.next_row(seq_len)
+            parts.append(more["inputs"][more["segment_ids"] > 0])
+        return np.concatenate(parts)
+
+    def check_enough(self, rows: int, seq_len: int):
+        """Refuses data that cannot fill one batch without repeating a document."""
+        for shard, stream in self.streams.items():
+            saved = stream.state
+            try:
+                for _ in range(rows // self.num_shards):
+                    stream.next_row(seq_len)
+                    if (stream.document, stream.offset) > (stream.per_epoch, 0):  # into a second epoch
+                        raise DataError(
+                            f"--data holds fewer tokens than one batch of {rows} x {seq_len}"
+                            + (f" in data shard {shard} of {self.num_shards}" if self.num_shards > 1 else "")
+                            + ": add documents, or shorten the stage"
+                        )
+            finally:
+                stream.state = saved
+
+    @property
+    def state(self) -> dict:
+        """{shard: [document, offset]} for this process's shards."""
+        return {str(d): s.state for d, s in self.streams.items()}
+
+    def restore(self, state: dict):
+        for d, stream in self.streams.items():
+            if str(d) not in state:
+                raise ValueError(f"the checkpoint's data state has no shard {d}: it has {sorted(state)}")
+            stream.state = state[str(d)]
