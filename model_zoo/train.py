@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -269,9 +270,12 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    metrics_path = workdir / "metrics.jsonl"
+    # With several processes the first writes the files; every process writes its checkpoint shards.
+    primary = jax.process_index() == 0
+    metrics_path = workdir / "metrics.jsonl" if primary else pathlib.Path(os.devnull)
     tokenizer = training_tokenizer(cfg)
-    copy_tokenizer(tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
+    if primary:
+        copy_tokenizer(tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
     batches = training_batches(cfg, mesh, tokenizer)
     with jax.set_mesh(mesh):
         state = initial_state(cfg, mesh)
@@ -288,10 +292,12 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
             state = dict(state, params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state["params"])))
             state["opt_state"] = init_optimizer(make_optimizer(cfg), state["params"])
             print(f"starting from the parameters in {cfg.init_from}")
-        _keep_metrics_before(metrics_path, start)
-        state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches)
+        if primary:
+            _keep_metrics_before(metrics_path, start)
+        state = _run(cfg, mesh, state, start, checkpoints, metrics_path, progress and primary, batches)
     checkpoints.close()
-    plot_losses(metrics_path, workdir / "loss.png", cfg)
+    if primary:
+        plot_losses(metrics_path, workdir / "loss.png", cfg)
     return state
 
 
@@ -380,6 +386,9 @@ def training_batches(cfg: TrainConfig, mesh, tokenizer, log=print) -> TrainingBa
         documents = Documents(cfg.data, cfg.data_field)
         log(f"data: {documents.describe()}")
     batches = TrainingBatches(cfg, mesh, tokenizer, documents)
+    if batches.loader is not None and batches.num_shards > 1:
+        log(f"data: {batches.num_shards} shards (dp x fsdp); process {jax.process_index()} reads "
+            f"{', '.join(map(str, batches.loader.shards))}")
     for stage in cfg.stages:
         batches.check_enough(stage)
     return batches
@@ -409,11 +418,11 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches):
                 steps_by_stage[index] = train_step(tx, cfg.stage_model(stage), shardings)
                 bar.set_description(f"stage {index + 1}/{len(cfg.stages)}: {stage.seq_len} tokens")
             host_batch = batches.host_batch(step, stage)
-            tokens = int(np.count_nonzero(host_batch["segment_ids"]))  # this process's rows
             batch = batches.device_batch(host_batch)
+            tokens = int(_host_scalar(_count_tokens(batch["segment_ids"])))  # over every process's rows
             began = time.perf_counter()
             state, out = steps_by_stage[index](state, batch)
-            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            loss, grad_norm = _host_scalar(out["loss"]), _host_scalar(out["grad_norm"])
             seconds = time.perf_counter() - began
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(
@@ -435,6 +444,16 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches):
                 last_saved = done
     bar.close()
     return state
+
+
+@jax.jit
+def _count_tokens(segment_ids):
+    return jnp.count_nonzero(segment_ids)
+
+
+def _host_scalar(x) -> float:
+    """A replicated scalar's value; with several processes the array is not wholly addressable."""
+    return float(np.asarray(x.addressable_data(0)))
 
 
 def _stage_end(cfg, index):

@@ -1,0 +1,321 @@
+"""The user's documents: every format reads back what was written, Grain's shuffle and the data
+shards, next-fit packing with segment ids and restarted positions, conversations trained on their
+answers, the loader's state, and bad input named with its file and line."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from model_zoo.corpus import corpus_documents
+from model_zoo.documents import DataError, Documents
+from model_zoo.loader import DocumentBatches, ShardStream, encode_record
+from model_zoo.tokenizer import HFTokenizer, check_fits, default_tokenizer, load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RING_ATTN_DATA_CACHE", str(tmp_path / "cache"))
+
+
+def random_texts(count, seed, low=20, high=400):
+    """Documents of random length cut from the embedded corpus at random places (never constants)."""
+    rng = np.random.default_rng(seed)
+    corpus = "\n".join(corpus_documents())
+    texts = []
+    for _ in range(count):
+        n = int(rng.integers(low, high))
+        start = int(rng.integers(0, len(corpus) - n))
+        texts.append(corpus[start : start + n] + f" #{rng.integers(1 << 30)} ünïcødé")
+    return texts
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_format(kind, directory, texts, field="text"):
+    """`texts` written as `kind`; returns the path to give --data."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{field: t, "id": i} for i, t in enumerate(texts)]
+    if kind == "jsonl":
+        return write_jsonl(directory / "docs.jsonl", rows)
+    if kind == "jsonl.gz":
+        path = directory / "docs.jsonl.gz"
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return path
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = directory / "docs.parquet"
+        pq.write_table(pa.table({field: texts, "id": list(range(len(texts)))}), path, row_group_size=7)
+        return path
+    if kind == "txt":
+        for i, t in enumerate(texts):
+            (directory / f"doc{i:04d}.txt").write_text(t, encoding="utf-8")
+        return directory / "*.txt"
+    if kind == "arrayrecord":
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        path = directory / "docs.arrayrecord"
+        writer = ArrayRecordWriter(str(path), "group_size:4")
+        for r in rows:
+            writer.write(json.dumps(r).encode())
+        writer.close()
+        return path
+    if kind == "hf":
+        import datasets
+
+        path = directory / "hf"
+        datasets.Dataset.from_dict({field: texts, "id": list(range(len(texts)))}).save_to_disk(str(path))
+        return path
+    raise AssertionError(kind)
+
+
+FORMATS = ("jsonl", "jsonl.gz", "parquet", "txt", "arrayrecord", "hf")
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_reads_back_its_documents_in_order(kind, tmp_path):
+    texts = random_texts(23, seed=len(kind))
+    documents = Documents([str(write_format(kind, tmp_path / kind, texts))])
+    assert len(documents) == len(texts)
+    assert [documents[i] for i in range(len(documents))] == texts
+    assert [documents[i] for i in (17, 3, 22, 0, 8)] == [texts[i] for i in (17, 3, 22, 0, 8)]  # random access
+    again = Documents([str(write_format(kind, tmp_path / kind, texts))])  # the cached index
+    assert [again[i] for i in range(len(again))] == texts
+
+
+def test_the_text_field_is_chosen_and_files_and_globs_join_in_order(tmp_path):
+    a, b = random_texts(5, seed=1), random_texts(4, seed=2)
+    write_jsonl(tmp_path / "a.jsonl", [{"body": t} for t in a])
+    write_jsonl(tmp_path / "b.jsonl", [{"body": t} for t in b])
+    documents = Documents([str(tmp_path / "*.jsonl")], field="body")
+    assert [documents[i] for i in range(len(documents))] == a + b
+
+
+def test_empty_documents_and_blank_lines_are_skipped_and_counted(tmp_path):
+    texts = random_texts(6, seed=3)
+    rows = [{"text": texts[0]}, {"text": ""}, {"text": texts[1]}, {"text": ""}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    documents = Documents([str(path)])
+    assert [documents[i] for i in range(len(documents))] == texts[:2]
+    assert documents.empty == 2 and "2 empty skipped" in documents.describe()
+
+
+def test_conversations_are_laid_out_in_the_chat_template_with_the_loss_on_the_answers(tmp_path):
+    tokenizer = default_tokenizer()
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": "What is 2 + 3?", "completion": "It is 5."},
+        {"messages": [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."},
+                      {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Eleven."}]},
+    ])
+    documents = Documents([str(path)])
+    ids, mask = encode_record(documents[0], tokenizer)
+    assert ids[0] == tokenizer.bos_id
+    assert tokenizer.decode(ids[mask == 0][1:]) == "You are a helpful assistant. USER: What is 2 + 3? ASSISTANT:"
+    answer = ids[mask == 1]
+    assert answer[-1] == tokenizer.eos_id and tokenizer.decode(answer[:-1]) == " It is 5."
+    ids, mask = encode_record(documents[1], tokenizer)
+    trained = np.flatnonzero(mask)
+    pieces = np.split(ids[trained], np.flatnonzero(np.diff(trained) > 1) + 1)
+    assert [tokenizer.decode(p[:-1]) for p in pieces] == [" Seven.", " Eleven."]
+    assert all(p[-1] == tokenizer.eos_id for p in pieces)
+    assert tokenizer.decode(ids[1 : trained[0]]) == "Answer briefly. USER: Name a prime. ASSISTANT:"
+
+
+def documents_tokens(documents, tokenizer):
+    return [encode_record(documents[i], tokenizer) for i in range(len(documents))]
+
+
+def unpack(rows):
+    """The segments of packed rows, in order: (inputs, targets, loss_mask, first position) each."""
+    pieces = []
+    for row in rows:
+        for segment in range(1, row["segment_ids"].max() + 1):
+            at = row["segment_ids"] == segment
+            assert np.array_equal(row["positions"][at], np.arange(at.sum())), "positions restart per segment"
+            pieces.append((row["inputs"][at], row["targets"][at], row["loss_mask"][at]))
+        assert np.all(row["segment_ids"][row["segment_ids"] == 0] == 0)
+        used = np.flatnonzero(row["segment_ids"])
+        assert used.size == 0 or np.array_equal(used, np.arange(used.size)), "padding only at the end"
+    return pieces
+
+
+@pytest.mark.parametrize("seq_len", [48, 256])
+def test_next_fit_packing_keeps_documents_whole_and_cuts_long_ones_into_row_long_pieces(tmp_path, seq_len):
+    tokenizer = default_tokenizer()
+    texts = random_texts(40, seed=seq_len, low=10, high=1500)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    stream = ShardStream(documents, tokenizer, seed=5, shard=0, num_shards=1)
+    rows = [stream.next_row(seq_len) for _ in range(30)]
+    pieces = unpack(rows)
+    # The oracle: each document tokenized on its own, in Grain's shuffled order.
+    import grain
+
+    order = list(grain.MapDataset.source(list(range(len(texts)))).shuffle(seed=5))
+    expected = []
+    for index in order:
+        ids, mask = encode_record(texts[index], tokenizer)
+        for start in range(0, len(ids) - 1, seq_len):
+            stop = min(start + seq_len, len(ids) - 1)
+            expected.append((ids[start:stop], ids[start + 1 : stop + 1], mask[start + 1 : stop + 1]))
+    assert len(pieces) <= len(expected)
+    for got, want in zip(pieces, expected):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    assert any(len(p[0]) == seq_len for p in pieces), "some document was longer than a row"
+    # next fit: a row ends only where the next piece would not fit in it
+    used = 0
+    for row in rows[:-1]:
+        count = int(row["segment_ids"].max())
+        used += count
+        assert np.count_nonzero(row["segment_ids"]) + len(expected[used][0]) > seq_len
+
+
+def test_shards_are_disjoint_cover_an_epoch_and_follow_the_seed(tmp_path):
+    texts = random_texts(30, seed=9)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+
+    def order(seed, shard, shards):
+        stream = ShardStream(documents, default_tokenizer(), seed=seed, shard=shard, num_shards=shards)
+        return [stream._documents[i] for i in range(stream.per_epoch)]
+
+    def as_text(encoded):
+        return default_tokenizer().decode(encoded[0][1:-1])
+
+    shard0, shard1 = order(1, 0, 2), order(1, 1, 2)
+    seen = [as_text(d) for d in shard0 + shard1]
+    assert sorted(seen) == sorted(texts)  # disjoint, and together every document once
+    assert [as_text(d) for d in order(1, 0, 2)] == [as_text(d) for d in shard0]
+    assert [as_text(d) for d in order(2, 0, 1)] != [as_text(d) for d in order(1, 0, 1)]
+
+
+def test_two_loaders_of_one_shard_each_build_the_one_loader_batch(tmp_path):
+    texts = random_texts(60, seed=4)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    kinds = dict(needle_fraction=0.4, long_needle_fraction=0.5)
+    both = DocumentBatches(documents, default_tokenizer(), seed=3, num_shards=2, **kinds)
+    halves = [DocumentBatches(documents, default_tokenizer(), seed=3, num_shards=2, shards=[d], **kinds)
+              for d in (0, 1)]
+    for step in range(4):
+        whole = both.batch(step, 4, 128)
+        parts = [h.batch(step, 4, 128) for h in halves]
+        for name in whole:
+            np.testing.assert_array_equal(whole[name][:2], parts[0][name][:2])
+            np.testing.assert_array_equal(whole[name][2:], parts[1][name][2:])
+            assert not parts[0][name][2:].any() and not parts[1][name][:2].any()
+
+
+def test_a_restored_loader_continues_with_the_same_batches_across_a_stage_change(tmp_path):
+    texts = random_texts(50, seed=6, high=900)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    loader = DocumentBatches(documents, default_tokenizer(), seed=0, needle_fraction=0.3)
+    plan = [(0, 4, 64), (1, 4, 64), (2, 2, 128), (3, 2, 128)]
+    for step, rows, length in plan[:2]:
+        loader.batch(step, rows, length)
+    state = json.loads(json.dumps(loader.state))  # as a checkpoint's JSON record keeps it
+    expected = [loader.batch(*p) for p in plan[2:]]
+    resumed = DocumentBatches(documents, default_tokenizer(), seed=0, needle_fraction=0.3)
+    resumed.restore(state)
+    for want, p in zip(expected, plan[2:]):
+        got = resumed.batch(*p)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_retrieval_rows_hide_a_needle_in_the_users_text(tmp_path):
+    tokenizer = default_tokenizer()
+    texts = [t.replace("e", "é") for t in random_texts(40, seed=8, high=700)]  # text the corpus does not hold
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    loader = DocumentBatches(documents, tokenizer, seed=0, needle_fraction=1.0)
+    batch = loader.batch(0, 2, 512)
+    for row in range(2):
+        text = tokenizer.decode(batch["inputs"][row])
+        assert "special magic" in text and "é" in text
+        answer = tokenizer.decode(batch["targets"][row][batch["loss_mask"][row] > 0])
+        assert answer.replace(",", "").split()[0].isdigit()
+
+
+def byte_level_bpe(path, vocab_size=400):
+    """A tokenizer.json trained here: byte-level BPE with <s> and </s>, as LLaMA-3's kind is built."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(random_texts(200, seed=1), trainer)
+    backend.save(str(path))
+    return path
+
+
+def test_a_tokenizer_json_tokenizes_and_a_too_large_one_is_refused(tmp_path):
+    tokenizer = load_tokenizer(byte_level_bpe(tmp_path / "tokenizer.json"))
+    assert isinstance(tokenizer, HFTokenizer) and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    text = random_texts(1, seed=2)[0]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    check_fits(tokenizer, 1024)
+    with pytest.raises(ValueError, match=r"tokenizer.json' has 400 tokens, more than the model's vocabulary of 256"):
+        check_fits(tokenizer, 256)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": "cut', r"bad\.jsonl:2: not JSON \(Unterminated string"),
+    (b'{"text": "fine"}\n{"body": "x"}\n', r"bad\.jsonl:2: no field 'text' \(--data-field\)"),
+    (b'{"text": "fine"}\n\n{"text": 7}\n', r"bad\.jsonl:3: field 'text' is int, expected a string"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"bad\.jsonl:2: invalid UTF-8"),
+    (b'["a list"]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"bad\.jsonl:1: 'messages' has no assistant turn"),
+])
+def test_bad_json_lines_are_named_with_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        Documents([str(tmp_path / "bad.jsonl")])
+
+
+def test_other_bad_input_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"--data '.*nothing\*\.jsonl' matches no file"):
+        Documents([str(tmp_path / "nothing*.jsonl")])
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"notes\.csv: unknown kind of file; --data takes \.jsonl, \.jsonl\.gz"):
+        Documents([str(tmp_path / "notes.csv")])
+    (tmp_path / "latin1.txt").write_bytes("line one\nline two\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt:3: invalid UTF-8"):
+        Documents([str(tmp_path / "latin1.txt")])
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in random_texts(50, seed=1)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: a damaged or truncated gzip file after line \d+"):
+        Documents([str(tmp_path / "cut.jsonl.gz")])
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match=r"holds no non-empty document \(1 empty skipped\)"):
+        Documents([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"folder is a folder but not a Hugging Face dataset"):
+        Documents([str(tmp_path / "folder")])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(DataError, match=r"other\.parquet: no column 'text' \(--data-field\)"):
+        Documents([str(tmp_path / "other.parquet")])
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"ints\.parquet row 0: field 'text' is int, expected a string"):
+        Documents([str(tmp_path / "ints.parquet")])
+
+
+def test_too_little_data_for_one_batch_is_refused(tmp_path):
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in random_texts(3, seed=1)]))])
+    loader = DocumentBatches(documents, default_tokenizer(), seed=0)
+    with pytest.raises(DataError, match=r"fewer tokens than one batch of 8 x 512"):
+        loader.check_enough(8, 512)
+    loader.check_enough(1, 32)
+    with pytest.raises(DataError, match=r"3 documents, fewer than the 4 data shards"):
+        DocumentBatches(documents, default_tokenizer(), seed=0, num_shards=4)
