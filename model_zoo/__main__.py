@@ -83,6 +83,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m model_zoo", description=__doc__)
     parser.add_argument("--cpu-devices", type=_positive_int, default=8,
                         help="simulated devices when running on CPU (default 8: a ring of 8)")
+    hosts = parser.add_argument_group("several processes (hosts): the same command on each, the mesh over all")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="the first process's address, with --num-processes and --process-id; 'auto': found by "
+                            "jax.distributed on SLURM, Open MPI and TPU pods")
+    hosts.add_argument("--num-processes", type=_positive_int)
+    hosts.add_argument("--process-id", type=int)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train (or resume training) with progressive context")
@@ -171,6 +177,9 @@ def build_parser():
     loss.add_argument("--data-field", default="text")
     loss.add_argument("--seq-len", required=True, type=_positive_int, help="tokens scored per document, from its start")
     loss.add_argument("--documents", type=_positive_int, help="score at most this many documents, in file order")
+    loss.add_argument("--min-tokens", type=_positive_int,
+                      help="score documents of at least this many tokens (default --seq-len: every position bucket "
+                           "then averages the same documents)")
     loss.add_argument("--batch-size", type=_positive_int, default=2, help="documents a forward pass")
     loss.add_argument("--out", type=pathlib.Path, required=True, help="where loss.json and loss.png go")
     loss.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
@@ -209,6 +218,8 @@ def main(argv=None):
     if flag not in os.environ.get("XLA_FLAGS", ""):  # read when the CPU backend starts, so before any use
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.cpu_devices}".strip()
     try:
+        if args.coordinator:
+            _join_processes(args)
         commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "eval-loss": _eval_loss,
                     "export": _export, "convert": _convert, "plan": _plan}
         commands[args.command](args)
@@ -216,6 +227,21 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _join_processes(args):
+    import jax
+
+    # CPU hosts need a transport for their collectives; accelerators bring their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator HOST:PORT needs --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must lie in [0, {args.num_processes}), got {args.process_id}")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def _plan(args):
@@ -315,9 +341,13 @@ def _train(args):
 
         resolve_model(cfg.init_from)
     training_batches(cfg, mesh, training_tokenizer(cfg), log=lambda _: None)  # data and tokenizer checked, likewise
-    _check_same_run(args.workdir, cfg)
-    with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
-        log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
+    import jax
+
+    primary = jax.process_index() == 0  # with several processes, the first writes the run's files
+    _check_same_run(args.workdir, cfg, write=primary)
+    if primary:
+        with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
+            log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
     train(cfg, args.workdir, progress=not args.no_progress)
     print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, "
           f"plot in {args.workdir / 'loss.png'}")
@@ -334,7 +364,7 @@ def _scale_steps(stages, total):
     return tuple(dataclasses.replace(s, steps=c) for s, c in zip(stages, counts))
 
 
-def _check_same_run(workdir, cfg):
+def _check_same_run(workdir, cfg, write=True):
     """A workdir holds one run: resuming with different settings would mix two runs' checkpoints."""
     import dataclasses
 
@@ -348,7 +378,7 @@ def _check_same_run(workdir, cfg):
         if changed:
             raise ValueError(f"{workdir} holds a run with different settings ({', '.join(changed)}); "
                              "use the same command to resume, or a new --workdir")
-    else:
+    elif write:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -480,21 +510,26 @@ def _eval_loss(args):
     import jax
 
     from model_zoo.documents import Documents
-    from model_zoo.position_loss import evaluate_position_loss, format_table, save_results
+    from model_zoo.position_loss import evaluate_position_loss, format_table, save_results, scored_documents
     from model_zoo.tokenizer import check_fits
 
     documents = Documents(args.data, args.data_field)
     print(f"data: {documents.describe()}")
-    results = {}
+    results, scored = {}, {}
     for model in args.model:
         tokenizer = _tokenizer(None, model)
         mesh, config, params = _load(model, args.mesh)
         check_fits(tokenizer, config.vocab_size)
         if args.seq_len > config.max_position_embeddings:
             raise ValueError(f"--seq-len {args.seq_len} exceeds {model}'s {config.max_position_embeddings} positions")
+        if tokenizer.path not in scored:  # models that share a tokenizer score the same tokens
+            scored[tokenizer.path], short = scored_documents(documents, tokenizer, seq_len=args.seq_len,
+                                                             min_tokens=args.min_tokens, max_documents=args.documents)
+            print(f"scoring {len(scored[tokenizer.path])} documents ({short} shorter than "
+                  f"{args.min_tokens or args.seq_len} tokens left out)")
         with jax.set_mesh(mesh):
             results[model] = evaluate_position_loss(
-                params, config, documents, tokenizer, mesh=mesh, seq_len=args.seq_len, max_documents=args.documents,
+                params, config, scored[tokenizer.path], mesh=mesh, seq_len=args.seq_len,
                 batch_size=args.batch_size, progress=not args.no_progress, desc=model,
             )
     print(format_table(results))

@@ -8,10 +8,11 @@ the shards of the rows its devices hold. So two processes of 4 devices build the
 as one of 8, each reading its own shard. (Processes that split one rank's rows over the sequence
 read that rank's shard alike: each holds a part of the same rows.)
 
-Packing is next-fit: documents go into the row in order; one that does not fit the room left
-starts the next row, and one longer than a row is cut into row-long pieces, each a segment of its
-own with positions from 0. A shard's position is (document, token offset), which is all that a
-checkpoint needs to resume the stream bit for bit, and which carries over when a context stage
+Packing keeps documents whole where they can be: documents go into the row in order; one that
+fits in a row but not in the room left starts the next row (next fit), and one longer than a row
+fills the room left and goes on in row-long pieces (concat-then-split), each piece a segment of
+its own with positions from 0. A shard's position is (document, token offset), which is all that
+a checkpoint needs to resume the stream bit for bit, and which carries over when a context stage
 changes the row length. (Grain's own packers keep a buffer tied to one row length.)
 
 With `needle_fraction` and the other row kinds of `model_zoo.data`, a row's kind is drawn per row;
@@ -22,7 +23,7 @@ import grain
 import numpy as np
 
 from model_zoo.corpus import chat_prompt
-from model_zoo.data import MIN_NEEDLE, empty_batch, fill_row, row_kind
+from model_zoo.data import MIN_DOCUMENT, MIN_NEEDLE, empty_batch, fill_row, row_kind
 from model_zoo.documents import DataError
 
 SYSTEM_PROMPT = chat_prompt("\x00").split(" USER:")[0]  # "You are a helpful assistant."
@@ -79,9 +80,13 @@ class ShardStream:
         used, segment = 0, 0
         while True:
             ids, mask = self._tokens(self.document)
-            pairs = len(ids) - 1
-            piece = min(pairs - self.offset, seq_len)
-            if piece > seq_len - used:
+            pairs, room = len(ids) - 1, seq_len - used
+            left = pairs - self.offset
+            if left <= room:
+                piece = left
+            elif left > seq_len and room >= MIN_DOCUMENT:  # longer than any row: split it here
+                piece = room
+            else:  # it fits a row, the next one
                 return row
             cols, take = slice(used, used + piece), slice(self.offset, self.offset + piece)
             row["inputs"][cols] = ids[take]

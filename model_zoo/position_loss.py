@@ -1,6 +1,8 @@
 """Held-out documents' loss by token position: the long-context curve. A model that uses its
-context predicts later tokens better than early ones; one that does not stays flat past its
-trained length. Each document is scored alone from its first token, up to `seq_len` tokens."""
+context predicts later tokens better than early ones; one that does not stays flat, or climbs
+past its trained length. Each document is scored alone from its first token, up to `seq_len`
+tokens; by default only documents that fill the `seq_len` are scored, so that every position
+bucket averages the same documents (shorter ones would weigh the early buckets only)."""
 
 import json
 import pathlib
@@ -33,19 +35,36 @@ def _token_losses(params, batch, config):
     return (jax.nn.logsumexp(logits, axis=-1) - picked) * batch["loss_mask"]
 
 
-def evaluate_position_loss(params, config, documents, tokenizer, *, mesh, seq_len, max_documents=None, batch_size=2,
-                           progress=True, desc=None) -> dict:
-    """Mean cross entropy per position bucket over `documents` (model_zoo.documents.Documents),
-    taken in file order; positions a document does not reach count nothing."""
+def scored_documents(documents, tokenizer, *, seq_len, min_tokens=None, max_documents=None):
+    """(ids, loss mask) of the documents scored, in file order: those of at least `min_tokens`
+    next-token pairs (default `seq_len`), at most `max_documents`; and how many were left out."""
+    min_tokens = seq_len if min_tokens is None else min_tokens
+    chosen, short = [], 0
+    for index in range(len(documents)):
+        if max_documents is not None and len(chosen) == max_documents:
+            break
+        ids, mask = encode_record(documents[index], tokenizer)
+        if len(ids) - 1 < min_tokens:
+            short += 1
+        else:
+            chosen.append((ids[: seq_len + 1], mask[: seq_len + 1]))
+    if not chosen:
+        raise ValueError(f"no document has {min_tokens} tokens ({short} shorter): lower --seq-len or --min-tokens")
+    return chosen, short
+
+
+def evaluate_position_loss(params, config, scored, *, mesh, seq_len, batch_size=2, progress=True, desc=None) -> dict:
+    """Mean cross entropy per position bucket over `scored` (from `scored_documents`); positions a
+    document does not reach count nothing."""
     check_mesh_shapes(config, dict(mesh.shape), batch_size, seq_len)
-    count = len(documents) if max_documents is None else min(max_documents, len(documents))
+    count = len(scored)
     sums, tokens = np.zeros(seq_len), np.zeros(seq_len)
     step = jax.jit(_token_losses, static_argnums=2)
     sharding = batch_sharding(mesh)
     for start in tqdm(range(0, count, batch_size), disable=not progress, desc=desc, unit="batch"):
         batch = empty_batch(batch_size, seq_len)
         for row, index in enumerate(range(start, min(start + batch_size, count))):
-            ids, mask = encode_record(documents[index], tokenizer)
+            ids, mask = scored[index]
             n = min(len(ids) - 1, seq_len)
             batch["inputs"][row, :n] = ids[:n]
             batch["targets"][row, :n] = ids[1 : n + 1]

@@ -149,34 +149,41 @@ def unpack(rows):
 
 
 @pytest.mark.parametrize("seq_len", [48, 256])
-def test_next_fit_packing_keeps_documents_whole_and_cuts_long_ones_into_row_long_pieces(tmp_path, seq_len):
+def test_packing_keeps_documents_whole_where_they_fit_and_splits_only_longer_ones(tmp_path, seq_len):
+    import grain
+
+    from model_zoo.data import MIN_DOCUMENT
+
     tokenizer = default_tokenizer()
     texts = random_texts(40, seed=seq_len, low=10, high=1500)
     documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
     stream = ShardStream(documents, tokenizer, seed=5, shard=0, num_shards=1)
     rows = [stream.next_row(seq_len) for _ in range(30)]
-    pieces = unpack(rows)
     # The oracle: each document tokenized on its own, in Grain's shuffled order.
-    import grain
-
     order = list(grain.MapDataset.source(list(range(len(texts)))).shuffle(seed=5))
-    expected = []
-    for index in order:
-        ids, mask = encode_record(texts[index], tokenizer)
-        for start in range(0, len(ids) - 1, seq_len):
-            stop = min(start + seq_len, len(ids) - 1)
-            expected.append((ids[start:stop], ids[start + 1 : stop + 1], mask[start + 1 : stop + 1]))
-    assert len(pieces) <= len(expected)
-    for got, want in zip(pieces, expected):
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
-    assert any(len(p[0]) == seq_len for p in pieces), "some document was longer than a row"
-    # next fit: a row ends only where the next piece would not fit in it
-    used = 0
-    for row in rows[:-1]:
-        count = int(row["segment_ids"].max())
-        used += count
-        assert np.count_nonzero(row["segment_ids"]) + len(expected[used][0]) > seq_len
+    encoded = [encode_record(texts[i], tokenizer) for i in order]
+    doc, offset, splits = 0, 0, 0
+    for r, row in enumerate(rows):
+        pieces = unpack([row])
+        for k, (inputs, targets, mask) in enumerate(pieces):
+            ids, full_mask = encoded[doc]
+            n = len(inputs)
+            np.testing.assert_array_equal(inputs, ids[offset : offset + n])
+            np.testing.assert_array_equal(targets, ids[offset + 1 : offset + n + 1])
+            np.testing.assert_array_equal(mask, full_mask[offset + 1 : offset + n + 1])
+            offset += n
+            if offset < len(ids) - 1:  # cut: a document longer than a row, cut at the row's end
+                splits += 1
+                assert len(ids) - 1 - (offset - n) > seq_len and k == len(pieces) - 1
+                assert np.count_nonzero(row["segment_ids"]) == seq_len
+            else:
+                doc, offset = doc + 1, 0
+        # a row ends early only where the next document fits a row but not the room left
+        room = seq_len - np.count_nonzero(row["segment_ids"])
+        if room and r + 1 < len(rows):
+            left = len(encoded[doc][0]) - 1 - offset
+            assert left > room and (left <= seq_len or room < MIN_DOCUMENT), (r, left, room)
+    assert splits > 3, "some documents were longer than a row"
 
 
 def test_shards_are_disjoint_cover_an_epoch_and_follow_the_seed(tmp_path):

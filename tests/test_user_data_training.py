@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import multihost_train_worker
 import numpy as np
 import pytest
 from test_multihost import finish, free_port
@@ -21,7 +20,6 @@ from model_zoo import TINY
 from model_zoo.train import Stage, TrainConfig, read_metrics, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "multihost_train_worker.py"
 
 
 @pytest.fixture(autouse=True)
@@ -84,22 +82,30 @@ def test_a_sigkilled_run_on_user_data_resumes_to_the_same_losses_and_data_positi
     assert data_state(workdir) == data_state(tmp_path / "whole")
 
 
+def two_process_command(workdir, data):
+    """train over a dp=2 x sp=4 mesh: 8 devices, one process or two of 4."""
+    return ["train", "--workdir", str(workdir), "--preset", "tiny", "--init-from", "none", "--stages",
+            "64:1e4:3,128:1e5:3", "--batch-size", "4", "--mesh", "dp=2,sp=4", "--data", data,
+            "--needle-fraction", "0.25", "--save-every", "2", "--no-progress"]
+
+
 def test_two_processes_reading_their_own_shards_train_as_one_process(tmp_path):
+    from model_zoo.__main__ import main
+
     data = str(write_format("jsonl", tmp_path / "data", random_texts(60, seed=5, high=300)))
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               RING_ATTN_DATA_CACHE=str(tmp_path / "cache"))
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), str(tmp_path / "two"), data],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(multihost_train_worker.NUM_PROCESSES)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "model_zoo", "--cpu-devices", "4", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               *two_process_command(tmp_path / "two", data)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     outputs = finish(procs, timeout=400)
     for i, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, text[-3000:]
         assert f"data: 2 shards (dp x fsdp); process {i} reads {i}\n" in text
 
-    cfg = multihost_train_worker.config(data)
-    train(cfg, tmp_path / "one", progress=False)
+    assert main(two_process_command(tmp_path / "one", data)) == 0  # this process: 8 devices
     one, two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=2e-6)
@@ -113,18 +119,19 @@ def test_eval_loss_buckets_match_each_document_scored_alone(tmp_path, capsys):
     from model_zoo.documents import Documents
     from model_zoo.loader import encode_record
     from model_zoo.model import forward, init_params
-    from model_zoo.position_loss import bucket_edges, evaluate_position_loss
+    from model_zoo.position_loss import bucket_edges, evaluate_position_loss, scored_documents
     from model_zoo.sharding import make_mesh
     from model_zoo.tokenizer import default_tokenizer
 
-    texts = random_texts(5, seed=11, low=100, high=1400)
+    texts = random_texts(5, seed=11, low=100, high=6000)
     documents = Documents([str(write_jsonl(tmp_path / "held.jsonl", [{"text": t} for t in texts]))])
     config = TINY.replace(num_layers=2)
     params = init_params(config, jax.random.key(4))
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    scored, short = scored_documents(documents, default_tokenizer(), seq_len=256, min_tokens=1)
+    assert short == 0
     with jax.set_mesh(mesh):
-        got = evaluate_position_loss(params, config, documents, default_tokenizer(), mesh=mesh, seq_len=256,
-                                     batch_size=2, progress=False)
+        got = evaluate_position_loss(params, config, scored, mesh=mesh, seq_len=256, batch_size=2, progress=False)
     sums, counts = np.zeros(256), np.zeros(256)
     for text in texts:  # the oracle: one document, no padding, one device
         ids, _ = encode_record(text, default_tokenizer())
@@ -145,6 +152,38 @@ def test_eval_loss_buckets_match_each_document_scored_alone(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "512-1K" in out and "lwm-tiny-8k" in out
+    long_enough = sum(len(encode_record(t, default_tokenizer())[0]) > 1024 for t in texts)
+    assert f"scoring {long_enough} documents ({5 - long_enough} shorter than 1024 tokens left out)" in out
+    assert 0 < long_enough < 5
     saved = json.loads((tmp_path / "out" / "loss.json").read_text())
     assert set(saved["models"]) == {"lwm-tiny-retrieval", "lwm-tiny-8k"} and saved["seq_len"] == 1024
     assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+
+
+def test_bad_data_and_tokenizers_stop_the_command_before_anything_is_written(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    from model_zoo.__main__ import main
+
+    def train(*extra):
+        return main(["train", "--preset", "tiny", "--init-from", "none", "--stages", "256:1e4:2", "--batch-size",
+                     "2", "--workdir", str(tmp_path / "run"), "--no-progress", *extra])
+
+    few = write_jsonl(tmp_path / "few.jsonl", [{"text": t} for t in random_texts(2, seed=1, high=60)])
+    assert train("--data", str(few)) == 1
+    assert "fewer tokens than one batch of 2 x 256" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": random_texts(1, seed=2)[0]}) + "\n{not json\n")
+    assert train("--data", str(bad)) == 1
+    assert f"error: {bad}:2: not JSON" in capsys.readouterr().err
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(2000)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in random_texts(30, seed=3)])
+    assert train("--data", str(good), "--tokenizer", str(tmp_path / "tokenizer.json")) == 1
+    assert "has 2003 tokens, more than the model's vocabulary of 1024" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing half-made
+
+    with_empty = write_jsonl(tmp_path / "with_empty.jsonl",
+                             [{"text": t} for t in random_texts(30, seed=4)] + [{"text": ""}] * 3)
+    assert train("--data", str(with_empty)) == 0
+    assert "data: 30 documents in 1 file(s), 3 empty skipped" in capsys.readouterr().out
