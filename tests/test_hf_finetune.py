@@ -42,7 +42,7 @@ def test_a_converted_llama_trains_on_documents_and_generates_through_its_own_tok
     workdir = tmp_path / "run"
     assert main(["train", "--init-from", str(tmp_path / "converted"), "--data", str(data), "--stages",
                  "128:1e4:6,256:1e5:14", "--batch-size", "4", "--learning-rate", "3e-3", "--mesh", "dp=2,sp=4",
-                 "--workdir", str(workdir), "--no-progress"]) == 0
+                 "--params-over-sequence", "--workdir", str(workdir), "--no-progress"]) == 0
     losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl")]
     assert np.mean(losses[-4:]) < np.mean(losses[:3]) - 0.5, losses
     run = json.loads((workdir / "run.json").read_text())
