@@ -372,15 +372,19 @@ def _check_same_run(workdir, cfg, write=True):
     path = workdir / "run.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        # A setting newer than the saved run counts as unchanged at its default.
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        # A setting newer than the saved run counts as unchanged at its default (as JSON holds it).
+        defaults = json.loads(json.dumps(
+            {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING},
+            default=dataclasses.asdict))
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k, defaults.get(k)))
         if changed:
             raise ValueError(f"{workdir} holds a run with different settings ({', '.join(changed)}); "
                              "use the same command to resume, or a new --workdir")
     elif write:
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(settings, indent=2) + "\n")
+        partial.replace(path)  # whole or absent for the other processes that read it
 
 
 def _load(model, mesh_axes):
@@ -533,8 +537,9 @@ def _eval_loss(args):
                 batch_size=args.batch_size, progress=not args.no_progress, desc=model,
             )
     print(format_table(results))
-    save_results(args.out, results, seq_len=args.seq_len, data=[str(p) for p in documents.paths])
-    print(f"wrote {args.out / 'loss.json'} and {args.out / 'loss.png'}")
+    if jax.process_index() == 0:
+        save_results(args.out, results, seq_len=args.seq_len, data=[str(p) for p in documents.paths])
+        print(f"wrote {args.out / 'loss.json'} and {args.out / 'loss.png'}")
 
 
 def _convert(args):

@@ -26,13 +26,25 @@ class CheckpointError(RuntimeError):
 
 
 def fingerprint(state) -> str:
-    """sha256 over every leaf's bytes, in tree order."""
+    """sha256 over every leaf's bytes, in tree order. With several processes, each hashes the
+    shards it holds (in index order) and the digests of all processes are hashed together: no
+    process can read a leaf that is sharded over the others' devices."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state):
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
-        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    return digest.hexdigest()
+        if jax.process_count() == 1 or not isinstance(leaf, jax.Array):
+            digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+            continue
+        for shard in sorted(leaf.addressable_shards, key=lambda s: (str(s.index), s.device.id)):
+            digest.update(np.ascontiguousarray(shard.data).tobytes())
+    if jax.process_count() == 1:
+        return digest.hexdigest()
+    from jax.experimental import multihost_utils
+
+    local = np.frombuffer(digest.digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 32]
+    return hashlib.sha256(every.tobytes()).hexdigest()
 
 
 class Checkpoints:

@@ -14,6 +14,7 @@ A record is a text document (a `str`) or a conversation: `{"messages": [{"role",
 """
 
 import codecs
+import collections
 import dataclasses
 import glob
 import gzip
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 import zlib
 
 import numpy as np
@@ -45,7 +47,11 @@ def resolve_files(patterns) -> list[pathlib.Path]:
         patterns = [patterns]
     paths = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
+        literal = pathlib.Path(os.path.expanduser(str(pattern)))
+        if literal.exists():  # a name that holds glob characters, e.g. "notes[1].jsonl"
+            paths.append(literal)
+            continue
+        matches = sorted(glob.glob(str(literal), recursive=True))
         if not matches:
             raise DataError(f"--data {str(pattern)!r} matches no file")
         paths.extend(pathlib.Path(m) for m in matches)
@@ -134,11 +140,53 @@ def _cached_index(path: pathlib.Path, field: str, scan) -> _Index:
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt
     index = scan()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(partial, locators=index.locators, empty=index.empty)
-    partial.replace(cached)  # atomic: a concurrent reader sees the whole file or none
+    try:
+        with _atomic_file(cached) as partial:
+            np.savez(partial, locators=index.locators, empty=index.empty)
+    except OSError:
+        pass  # a cache that cannot be written costs the next run a scan, nothing else
     return index
+
+
+class _atomic_file:
+    """A temporary file beside `path`, renamed to it on success: a reader (another process or host
+    sharing the cache) sees the whole file or none."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".partial")
+        self.file, self.partial = os.fdopen(handle, "wb"), pathlib.Path(name)
+        return self.file
+
+    def __exit__(self, kind, error, trace):
+        self.file.close()
+        if kind is None:
+            self.partial.replace(self.path)
+        else:
+            self.partial.unlink(missing_ok=True)
+
+
+class _OpenFiles:
+    """At most `limit` files held open, the least recently used closed first: a shuffle over
+    thousands of files would otherwise run out of file descriptors."""
+
+    def __init__(self, limit=64):
+        self.limit, self._open = limit, collections.OrderedDict()
+
+    def get(self, key, opener):
+        handle = self._open.pop(key, None)
+        if handle is None:
+            handle = opener()
+            if len(self._open) >= self.limit:
+                self._open.popitem(last=False)[1].close()
+        self._open[key] = handle
+        return handle
+
+
+_OPEN_FILES = _OpenFiles()
 
 
 class JsonLinesFile:
@@ -148,7 +196,6 @@ class JsonLinesFile:
         self.path, self.field = path, field
         self._text_path = path
         self.index = _cached_index(path, field, self._scan)
-        self._file = None
 
     def _scan(self) -> _Index:
         offsets, empty, offset = [], 0, 0
@@ -163,37 +210,39 @@ class JsonLinesFile:
         return _Index(np.asarray(offsets, np.int64), empty)
 
     def __getitem__(self, locator):
-        if self._file is None:
-            self._file = open(self._text_path, "rb")  # noqa: SIM115 (held for the reader's life)
-        self._file.seek(int(locator))
-        return _json_row(self._file.readline(), f"{self.path} at byte {locator}", self.field)
-
-    def __getstate__(self):  # Grain may copy a source into worker processes: reopen there
-        return dict(self.__dict__, _file=None)
+        lines = _OPEN_FILES.get(self._text_path, lambda: open(self._text_path, "rb"))
+        lines.seek(int(locator))
+        return _json_row(lines.readline(), f"{self.path} at byte {locator}", self.field)
 
 
 class GzipJsonLinesFile(JsonLinesFile):
     """A `.jsonl.gz`: decompressed once into the cache (gzip cannot seek), then read as JSON lines."""
 
     def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field, self._file = path, field, None
+        self.path, self.field = path, field
         self._text_path = cache_dir() / f"{_file_key(path)}.jsonl"
         if not self._text_path.is_file():  # an index cached without its decompressed copy is stale
             (cache_dir() / f"{_file_key(path, field)}.npz").unlink(missing_ok=True)
         self.index = _cached_index(path, field, self._decompress_and_scan)
 
     def _decompress_and_scan(self) -> _Index:
-        self._text_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self._text_path.with_suffix(f".{os.getpid()}.partial")
-        lines = 0
         try:
-            with gzip.open(self.path, "rb") as source, open(partial, "wb") as target:
-                for lines, line in enumerate(source, 1):  # noqa: B007 (the count names where it broke)
+            with gzip.open(self.path, "rb") as source, _atomic_file(self._text_path) as target:
+                lines = 0
+                while True:
+                    try:
+                        line = source.readline()
+                    except (EOFError, OSError, zlib.error) as error:
+                        raise DataError(
+                            f"{self.path}: a damaged or truncated gzip file after line {lines} ({error})"
+                        ) from None
+                    if not line:
+                        break
                     target.write(line)
-        except (EOFError, OSError, zlib.error) as error:
-            partial.unlink(missing_ok=True)
-            raise DataError(f"{self.path}: a damaged or truncated gzip file after line {lines} ({error})") from None
-        partial.replace(self._text_path)
+                    lines += 1
+        except OSError as error:  # writing the copy
+            raise DataError(f"{self.path}: cannot write its decompressed copy to {cache_dir()} ({error}); "
+                            "point RING_ATTN_DATA_CACHE at a folder with room") from None
         return self._scan()
 
 
@@ -208,10 +257,12 @@ class TextFile:
         decoder, line, chars = codecs.getincrementaldecoder("utf-8")(), 1, 0
         with open(self.path, "rb") as source:
             while chunk := source.read(1 << 20):
+                pending = decoder.getstate()[0]  # a character cut by the last chunk's end
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError:
-                    raise DataError(f"{self.path}:{line + _lines_before_bad_byte(chunk)}: invalid UTF-8") from None
+                    bad = line + _lines_before_bad_byte(pending + chunk)
+                    raise DataError(f"{self.path}:{bad}: invalid UTF-8") from None
                 line, chars = line + text.count("\n"), chars + len(text)
             try:
                 decoder.decode(b"", final=True)
@@ -236,28 +287,30 @@ class ArrayRecordFile:
 
     def __init__(self, path: pathlib.Path, field: str):
         self.path, self.field = path, field
-        self._reader = None
         self.index = _cached_index(path, field, self._scan)
 
     def _open(self):
-        if self._reader is None:
+        def opener():
             from array_record.python.array_record_module import ArrayRecordReader
 
             try:
-                self._reader = ArrayRecordReader(str(self.path), "readahead_buffer_size:0")
+                return ArrayRecordReader(str(self.path), "readahead_buffer_size:0")
             except Exception as error:  # the C++ reader's status error
                 raise DataError(f"{self.path}: not a readable ArrayRecord file ({error})") from None
-        return self._reader
+
+        return _OPEN_FILES.get(self.path, opener)
 
     def _scan(self) -> _Index:
         reader = self._open()
-        records, empty = [], 0
+        records, empty, chunk = [], 0, 1024
         try:
-            for number in range(reader.num_records()):
-                if is_empty(_json_row(reader.read([number])[0], f"{self.path} record {number}", self.field)):
-                    empty += 1
-                else:
-                    records.append(number)
+            for start in range(0, reader.num_records(), chunk):  # in ranges: a chunk is decoded once
+                raws = reader.read(start, min(start + chunk, reader.num_records()))
+                for number, raw in enumerate(raws, start):
+                    if is_empty(_json_row(raw, f"{self.path} record {number}", self.field)):
+                        empty += 1
+                    else:
+                        records.append(number)
         except DataError:
             raise
         except Exception as error:
@@ -267,9 +320,6 @@ class ArrayRecordFile:
     def __getitem__(self, locator):
         raw = self._open().read([int(locator)])[0]
         return _json_row(raw, f"{self.path} record {locator}", self.field)
-
-    def __getstate__(self):
-        return dict(self.__dict__, _reader=None)
 
 
 class _TableFile:
@@ -288,7 +338,7 @@ class _TableFile:
         """(row number, record) for each row of `table`, whose first row is `first_row` of the file."""
         rows = zip(*(table.column(c).to_pylist() for c in self.columns))
         for number, values in enumerate(rows, first_row):
-            row = {c: v for c, v in zip(self.columns, values) if v is not None}
+            row = dict(zip(self.columns, values))
             yield number, record_from_row(row, f"{self.path} row {number}", self.field)
 
     def _scan_tables(self, tables) -> _Index:
@@ -304,11 +354,14 @@ class _TableFile:
 
 
 class ParquetFile(_TableFile):
-    """A Parquet file, read a row group at a time (the one last read is kept)."""
+    """A Parquet file, read a row group at a time (the last few read are kept). Under a global
+    shuffle each document may cost a row group's decoding: write small row groups."""
+
+    GROUPS_KEPT = 4
 
     def __init__(self, path: pathlib.Path, field: str):
         self.path, self.field = path, field
-        self._file, self._group = None, (None, None)
+        self._groups = collections.OrderedDict()
         file = self._open()
         self.columns = self._columns(file.schema_arrow.names)
         metadata = file.metadata
@@ -317,14 +370,15 @@ class ParquetFile(_TableFile):
             self._read_group(g) for g in range(metadata.num_row_groups)))
 
     def _open(self):
-        if self._file is None:
+        def opener():
             import pyarrow.parquet as pq
 
             try:
-                self._file = pq.ParquetFile(self.path)
+                return pq.ParquetFile(self.path)
             except Exception as error:  # pyarrow's ArrowInvalid and OSError for a damaged file
                 raise DataError(f"{self.path}: not a readable Parquet file ({error})") from None
-        return self._file
+
+        return _OPEN_FILES.get(self.path, opener)
 
     def _read_group(self, group):
         try:
@@ -334,14 +388,14 @@ class ParquetFile(_TableFile):
 
     def __getitem__(self, locator):
         group = int(np.searchsorted(self._group_starts, locator, side="right")) - 1
-        if self._group[0] != group:
-            self._group = (group, self._read_group(group))
+        table = self._groups.pop(group, None)
+        if table is None:
+            table = self._read_group(group)
+            if len(self._groups) >= self.GROUPS_KEPT:
+                self._groups.popitem(last=False)
+        self._groups[group] = table
         first = int(self._group_starts[group])
-        table = self._group[1].slice(int(locator) - first, 1)
-        return next(self._records(table, int(locator)))[1]
-
-    def __getstate__(self):
-        return dict(self.__dict__, _file=None, _group=(None, None))
+        return next(self._records(table.slice(int(locator) - first, 1), int(locator)))[1]
 
 
 class HFDiskDataset(_TableFile):
@@ -377,9 +431,6 @@ class HFDiskDataset(_TableFile):
 
     def __getitem__(self, locator):
         return next(self._records(self._open().slice(int(locator), 1), int(locator)))[1]
-
-    def __getstate__(self):
-        return dict(self.__dict__, _table=None)
 
 
 def open_file(path: pathlib.Path, field: str):
@@ -422,6 +473,15 @@ class Documents:
         k = int(np.searchsorted(self._starts, i, side="right")) - 1
         file = self.files[k]
         return file[file.index.locators[i - self._starts[k]]]
+
+    def identity(self) -> dict:
+        """What a resumed run must read again to continue where it stopped: the files (path, size,
+        modification time) and the documents counted in them."""
+        files = []
+        for path in self.paths:
+            stat = path.stat()
+            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        return {"files": files, "documents": len(self)}
 
     def describe(self) -> str:
         skipped = f", {self.empty} empty skipped" if self.empty else ""

@@ -151,10 +151,11 @@ def convert_checkpoint(hf_path, out_dir, dtype=jnp.float32) -> LWMConfig:
     """Writes a Hugging Face LLaMA checkpoint as a model folder (`model_zoo.checkpoint.save_model`),
     with its tokenizer (tokenizer.json or tokenizer.model) when it has one."""
     config, params = load_hf_checkpoint(hf_path, dtype)
-    save_model(out_dir, config, params)
     tokenizer = folder_tokenizer(hf_path)
     if tokenizer is not None:
-        check_fits(tokenizer, config.vocab_size)
+        check_fits(tokenizer, config.vocab_size)  # refused before anything is written
+    save_model(out_dir, config, params)
+    if tokenizer is not None:
         copy_tokenizer(tokenizer, out_dir)
     return config
 

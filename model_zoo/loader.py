@@ -15,8 +15,9 @@ its own with positions from 0. A shard's position is (document, token offset), w
 a checkpoint needs to resume the stream bit for bit, and which carries over when a context stage
 changes the row length. (Grain's own packers keep a buffer tied to one row length.)
 
-With `needle_fraction` and the other row kinds of `model_zoo.data`, a row's kind is drawn per row;
-a retrieval row's haystack is the text of the row it replaces, so the shard advances the same.
+With `needle_fraction` and the other row kinds of `model_zoo.data`, a row's kind is drawn per row
+(from the seed, the step and the row, so in any process alike); the haystack of a retrieval,
+repeat or copy row is the text of the row it replaces, topped up from the rows after it.
 """
 
 import grain
@@ -43,15 +44,23 @@ def encode_record(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     ids, mask, prompt = [tokenizer.bos_id], [0.0], system
     for message in messages:
         if message["role"] == "assistant":
-            # The prompt so far is encoded whole, as generate --chat encodes it.
-            prompt_ids = tokenizer.encode(prompt + " ASSISTANT:")
-            answer = [*tokenizer.encode(" " + message["content"]), tokenizer.eos_id]
+            prompt_ids, answer = _turn(tokenizer, prompt + " ASSISTANT:", " " + message["content"])
+            answer.append(tokenizer.eos_id)
             ids += prompt_ids + answer
             mask += [0.0] * len(prompt_ids) + [1.0] * len(answer)
             prompt = ""
         else:  # a user turn (a later system message reads as one)
             prompt += " USER: " + message["content"]
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+
+def _turn(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """A turn's prompt and answer tokens as the turn's whole text tokenizes (the prompt as
+    `generate --chat` encodes it); where a token spans the boundary, each part on its own."""
+    prompt_ids, whole = tokenizer.encode(prompt), tokenizer.encode(prompt + answer)
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, whole[len(prompt_ids) :]
+    return prompt_ids, tokenizer.encode(answer)
 
 
 class ShardStream:
@@ -84,7 +93,7 @@ class ShardStream:
             left = pairs - self.offset
             if left <= room:
                 piece = left
-            elif left > seq_len and room >= MIN_DOCUMENT:  # longer than any row: split it here
+            elif left > seq_len and (room >= MIN_DOCUMENT or used == 0):  # longer than any row: split it here
                 piece = room
             else:  # it fits a row, the next one
                 return row
@@ -118,7 +127,7 @@ class DocumentBatches:
 
     def __init__(self, documents, tokenizer, *, seed: int, num_shards: int = 1, shards=None, needle_fraction=0.0,
                  repeat_fraction=0.0, copy_fraction=0.0, max_needles=1, long_needle_fraction=0.0):
-        self.seed, self.num_shards, self.tokenizer = seed, num_shards, tokenizer
+        self.documents, self.seed, self.num_shards, self.tokenizer = documents, seed, num_shards, tokenizer
         self.shards = sorted(range(num_shards) if shards is None else shards)
         self.streams = {d: ShardStream(documents, tokenizer, seed=seed, shard=d, num_shards=num_shards)
                         for d in self.shards}
@@ -156,20 +165,20 @@ class DocumentBatches:
         return np.concatenate(parts)
 
     def check_enough(self, rows: int, seq_len: int):
-        """Refuses data that cannot fill one batch without repeating a document."""
-        for shard, stream in self.streams.items():
-            saved = stream.state
-            try:
-                for _ in range(rows // self.num_shards):
-                    stream.next_row(seq_len)
-                    if (stream.document, stream.offset) > (stream.per_epoch, 0):  # into a second epoch
-                        raise DataError(
-                            f"--data holds fewer tokens than one batch of {rows} x {seq_len}"
-                            + (f" in data shard {shard} of {self.num_shards}" if self.num_shards > 1 else "")
-                            + ": add documents, or shorten the stage"
-                        )
-            finally:
-                stream.state = saved
+        """Refuses data whose text cannot fill one batch without repeating a document. Every shard
+        is checked, this process's or not: a process that stopped alone would leave the others
+        waiting for it."""
+        for shard in range(self.num_shards):
+            stream = ShardStream(self.documents, self.tokenizer, seed=self.seed, shard=shard,
+                                 num_shards=self.num_shards)
+            for _ in range(rows // self.num_shards):
+                stream.next_row(seq_len)
+                if (stream.document, stream.offset) > (stream.per_epoch, 0):  # into a second epoch
+                    raise DataError(
+                        f"--data holds fewer tokens than one batch of {rows} x {seq_len}"
+                        + (f" in data shard {shard} of {self.num_shards}" if self.num_shards > 1 else "")
+                        + ": add documents, or shorten the stage"
+                    )
 
     @property
     def state(self) -> dict:

@@ -71,8 +71,14 @@ def evaluate_position_loss(params, config, scored, *, mesh, seq_len, batch_size=
             batch["loss_mask"][row, :n] = mask[1 : n + 1]
             batch["segment_ids"][row, :n] = 1
             batch["positions"][row, :n] = np.arange(n)
-        placed = {k: jax.device_put(v, sharding) for k, v in batch.items()}
-        losses = np.asarray(step(params, placed, config))
+        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                  for k, v in batch.items()}
+        losses = step(params, placed, config)
+        if jax.process_count() > 1:  # the rows and columns other processes hold
+            from jax.experimental import multihost_utils
+
+            losses = multihost_utils.process_allgather(losses, tiled=True)
+        losses = np.asarray(losses)
         sums += losses.sum(axis=0)
         tokens += batch["loss_mask"].sum(axis=0)
     edges = bucket_edges(seq_len)

@@ -60,10 +60,6 @@ class HFTokenizer:
         special = _special_tokens(self.path.parent / "tokenizer_config.json")
         self.bos_id = self._token_id(special.get("bos_token"), self.BOS_NAMES, "BOS")
         self.eos_id = self._token_id(special.get("eos_token"), self.EOS_NAMES, "EOS")
-        pad = special.get("pad_token")
-        self.pad_id = self._tok.token_to_id(pad) if pad else None
-        if self.pad_id is None:
-            self.pad_id = 0
 
     def _token_id(self, configured, names, what):
         for name in ([configured] if configured else []) + list(names):
@@ -80,12 +76,12 @@ class HFTokenizer:
 
 
 def _special_tokens(config_path: pathlib.Path) -> dict:
-    """bos/eos/pad token strings from a transformers tokenizer_config.json (a string or an AddedToken dict)."""
+    """bos/eos token strings from a transformers tokenizer_config.json (a string or an AddedToken dict)."""
     if not config_path.is_file():
         return {}
     values = json.loads(config_path.read_text())
     tokens = {}
-    for key in ("bos_token", "eos_token", "pad_token"):
+    for key in ("bos_token", "eos_token"):
         value = values.get(key)
         if isinstance(value, dict):
             value = value.get("content")

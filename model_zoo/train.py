@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
         if restored is not None:
             start, state, record = restored
             if batches.documents is not None:
-                batches.restore(record["data_state"])
+                batches.restore(record)
             print(f"resuming from the checkpoint at step {start} in {checkpoints.directory}")
         elif cfg.init_from is not None:
             params = _initial_params(cfg, mesh, state["params"])
@@ -374,8 +374,33 @@ class TrainingBatches:
             state = {str(d): [int(x) for x in gathered[d]] for d in range(self.num_shards)}
         return state
 
-    def restore(self, state):
-        self.loader.restore(state)
+    def checkpoint_record(self) -> dict:
+        """The loader's position, and what it read: the files and the data shards."""
+        if self.loader is None:
+            return {}
+        return {"data_state": self.state(), "data": dict(self.documents.identity(), shards=self.num_shards)}
+
+    def restore(self, record):
+        """Continues where the checkpoint's loader stopped, if it read the same documents."""
+        saved, now = record.get("data"), dict(self.documents.identity(), shards=self.num_shards)
+        if saved != now:
+            saved = saved or {}
+
+            def difference(key):
+                if key != "files":
+                    return f"{key} ({saved.get(key)} then, {now[key]} now)"
+                before, after = ({f[0]: f for f in files} for files in (saved.get("files", []), now["files"]))
+                names = sorted(pathlib.Path(p).name for p in before.keys() | after.keys()
+                               if before.get(p) != after.get(p))
+                return f"files ({', '.join(names)})"
+
+            changed = [difference(k) for k in now if saved.get(k) != now[k]]
+            raise ValueError(
+                f"the checkpoint's loader read other data than --data names now: {'; '.join(changed)} differ "
+                "(files: their paths, sizes and modification times). Resuming would not continue its batches: "
+                "restore the files as they were, or start a new --workdir"
+            )
+        self.loader.restore(record["data_state"])
 
 
 def training_batches(cfg: TrainConfig, mesh, tokenizer, log=print) -> TrainingBatches:
@@ -439,7 +464,7 @@ def _run(cfg, mesh, state, start, checkpoints, metrics_path, progress, batches):
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.total_steps or done == _stage_end(cfg, index):
                 record = {"stage": index, "data_seed": cfg.seed, "model": cfg.stage_model(stage).to_dict(),
-                          "data_state": batches.state()}
+                          **batches.checkpoint_record()}
                 checkpoints.save(done, state, record)
                 last_saved = done
     bar.close()

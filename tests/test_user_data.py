@@ -121,13 +121,18 @@ def test_conversations_are_laid_out_in_the_chat_template_with_the_loss_on_the_an
     assert ids[0] == tokenizer.bos_id
     assert tokenizer.decode(ids[mask == 0][1:]) == "You are a helpful assistant. USER: What is 2 + 3? ASSISTANT:"
     answer = ids[mask == 1]
-    assert answer[-1] == tokenizer.eos_id and tokenizer.decode(answer[:-1]) == " It is 5."
+    assert answer[-1] == tokenizer.eos_id and tokenizer.decode(answer[:-1]).strip() == "It is 5."
+    # a turn is tokenized as its whole text is, the answer's first token no different
+    whole = "You are a helpful assistant. USER: What is 2 + 3? ASSISTANT: It is 5."
+    assert list(ids[1:-1]) == tokenizer.encode(whole)
     ids, mask = encode_record(documents[1], tokenizer)
     trained = np.flatnonzero(mask)
     pieces = np.split(ids[trained], np.flatnonzero(np.diff(trained) > 1) + 1)
-    assert [tokenizer.decode(p[:-1]) for p in pieces] == [" Seven.", " Eleven."]
+    assert [tokenizer.decode(p[:-1]).strip() for p in pieces] == ["Seven.", "Eleven."]
     assert all(p[-1] == tokenizer.eos_id for p in pieces)
     assert tokenizer.decode(ids[1 : trained[0]]) == "Answer briefly. USER: Name a prime. ASSISTANT:"
+    second_turn = ids[pieces[0].size + trained[0] : -1]
+    assert list(second_turn) == tokenizer.encode(" USER: Another? ASSISTANT: Eleven.")
 
 
 def documents_tokens(documents, tokenizer):
@@ -326,3 +331,87 @@ def test_too_little_data_for_one_batch_is_refused(tmp_path):
     loader.check_enough(1, 32)
     with pytest.raises(DataError, match=r"3 documents, fewer than the 4 data shards"):
         DocumentBatches(documents, default_tokenizer(), seed=0, num_shards=4)
+
+
+def test_the_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    from model_zoo import documents as reader
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in random_texts(8, seed=1)])
+    assert len(Documents([str(path)])) == 8
+    real_scan = reader.JsonLinesFile._scan
+    monkeypatch.setattr(reader.JsonLinesFile, "_scan", lambda self: pytest.fail("scanned again"))
+    assert len(Documents([str(path)])) == 8  # from the cache
+    with open(path, "a") as more:
+        more.write(json.dumps({"text": random_texts(1, seed=2)[0]}) + "\n")
+    monkeypatch.setattr(reader.JsonLinesFile, "_scan", real_scan)
+    assert len(Documents([str(path)])) == 9  # size and time changed: scanned again
+
+
+def test_epochs_reshuffle_and_a_loader_restored_in_the_second_continues_the_same(tmp_path):
+    texts = random_texts(12, seed=3, high=200)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    stream = ShardStream(documents, default_tokenizer(), seed=4, shard=0, num_shards=1)
+    decoded = [default_tokenizer().decode(stream._documents[i][0][1:-1]) for i in range(36)]
+    epochs = [decoded[i : i + 12] for i in (0, 12, 24)]
+    assert all(sorted(e) == sorted(texts) for e in epochs) and epochs[0] != epochs[1] != epochs[2]
+    loader = DocumentBatches(documents, default_tokenizer(), seed=4)
+    for step in range(10):  # well into the second epoch
+        loader.batch(step, 2, 64)
+    assert loader.streams[0].document > 12
+    state = json.loads(json.dumps(loader.state))
+    resumed = DocumentBatches(documents, default_tokenizer(), seed=4)
+    resumed.restore(state)
+    for step in range(10, 16):
+        want, got = loader.batch(step, 2, 64), resumed.batch(step, 2, 64)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_a_resume_on_changed_files_is_refused(tmp_path):
+    import jax
+
+    from model_zoo import TINY
+    from model_zoo.sharding import make_mesh
+    from model_zoo.train import Stage, TrainConfig, TrainingBatches
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in random_texts(20, seed=5)])
+    cfg = TrainConfig(model=TINY, stages=(Stage(64, 1e4, 2),), batch_size=2, data=(str(path),))
+    mesh = make_mesh(sp=1, devices=jax.devices()[:1])
+    batches = TrainingBatches(cfg, mesh, default_tokenizer(), Documents([str(path)]))
+    batches.host_batch(0, cfg.stages[0])
+    record = json.loads(json.dumps(batches.checkpoint_record()))
+    TrainingBatches(cfg, mesh, default_tokenizer(), Documents([str(path)])).restore(record)  # the same files
+    with open(path, "a") as more:
+        more.write(json.dumps({"text": random_texts(1, seed=6)[0]}) + "\n")
+    again = TrainingBatches(cfg, mesh, default_tokenizer(), Documents([str(path)]))
+    with pytest.raises(ValueError, match=r"read other data than --data names now: files \(d\.jsonl\); "
+                                         r"documents \(20 then, 21 now\) differ"):
+        again.restore(record)
+
+
+def test_names_with_glob_characters_and_utf8_errors_past_the_first_chunk(tmp_path):
+    texts = random_texts(3, seed=7)
+    literal = write_jsonl(tmp_path / "notes[1].jsonl", [{"text": t} for t in texts])
+    assert len(Documents([str(literal)])) == 3
+    # the first byte of "é" ends the first 1 MiB read, and a bad byte follows lines later
+    body = b"aaaaaaaaa\n" * 104857 + b"aaaaa" + "é".encode() + b"\n" + b"line\n" * 3 + b"bad \xff\n"
+    assert body.index("é".encode()) == 2**20 - 1
+    (tmp_path / "long.txt").write_bytes(body)
+    with pytest.raises(DataError, match=r"long\.txt:104862: invalid UTF-8"):
+        Documents([str(tmp_path / "long.txt")])
+
+
+def test_a_workdir_made_before_the_data_settings_still_resumes(tmp_path):
+    import dataclasses
+
+    from model_zoo import TINY
+    from model_zoo.__main__ import _check_same_run
+    from model_zoo.train import Stage, TrainConfig
+
+    cfg = TrainConfig(model=TINY, stages=(Stage(64, 1e4, 2),))
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in ("data", "data_field", "tokenizer"):
+        del settings[key]
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    _check_same_run(tmp_path, cfg)
+    with pytest.raises(ValueError, match=r"holds a run with different settings \(data\)"):
+        _check_same_run(tmp_path, dataclasses.replace(cfg, data=("x.jsonl",)))
