@@ -415,3 +415,35 @@ def test_a_workdir_made_before_the_data_settings_still_resumes(tmp_path):
     _check_same_run(tmp_path, cfg)
     with pytest.raises(ValueError, match=r"holds a run with different settings \(data\)"):
         _check_same_run(tmp_path, dataclasses.replace(cfg, data=("x.jsonl",)))
+
+
+def test_a_shard_short_of_data_is_refused_in_every_process(tmp_path):
+    # 3 documents of 260-330 tokens over 2 shards: shard 0 reads two, shard 1 one; two rows of 512
+    # a shard need two documents (two do not share a row)
+    texts = random_texts(3, seed=8, low=800, high=1000)
+    documents = Documents([str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))])
+    assert all(256 < len(encode_record(t, default_tokenizer())[0]) < 512 for t in texts)
+    only_mine = DocumentBatches(documents, default_tokenizer(), seed=0, num_shards=2, shards=[0])
+    only_mine.check_enough(2, 512)
+    with pytest.raises(DataError, match=r"fewer tokens than one batch of 4 x 512 in data shard 1 of 2"):
+        only_mine.check_enough(4, 512)
+
+
+def test_many_files_read_through_a_bounded_set_of_open_handles(tmp_path):
+    from model_zoo import documents as reader
+
+    texts = random_texts(150, seed=9, high=120)
+    for i, text in enumerate(texts):
+        write_jsonl(tmp_path / f"part{i:03d}.jsonl", [{"text": text}])
+    documents = Documents([str(tmp_path / "part*.jsonl")])
+    order = np.random.default_rng(0).permutation(len(texts))
+    assert [documents[i] for i in order] == [texts[i] for i in order]
+    assert len(reader._OPEN_FILES._open) <= reader._OPEN_FILES.limit < len(texts)
+
+
+def test_array_record_files_of_several_read_ranges(tmp_path):
+    texts = random_texts(2600, seed=10, low=5, high=40)
+    documents = Documents([str(write_format("arrayrecord", tmp_path, texts))])
+    assert len(documents) == 2600
+    assert [documents[i] for i in (0, 1023, 1024, 2047, 2048, 2599)] == [texts[i] for i in
+                                                                          (0, 1023, 1024, 2047, 2048, 2599)]
