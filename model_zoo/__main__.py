@@ -340,7 +340,7 @@ def _train(args):
         from model_zoo.shipped import resolve_model
 
         resolve_model(cfg.init_from)
-    training_batches(cfg, mesh, training_tokenizer(cfg), log=lambda _: None)  # data and tokenizer checked, likewise
+    batches = training_batches(cfg, mesh, training_tokenizer(cfg))  # data and tokenizer checked, likewise
     import jax
 
     primary = jax.process_index() == 0  # with several processes, the first writes the run's files
@@ -348,7 +348,7 @@ def _train(args):
     if primary:
         with open(args.workdir / "commands.log", "a") as log:  # every invocation, resumes included: the provenance
             log.write(" ".join(["python", "-m", "model_zoo", *(argv or sys.argv[1:])]) + "\n")
-    train(cfg, args.workdir, progress=not args.no_progress)
+    train(cfg, args.workdir, progress=not args.no_progress, batches=batches)
     print(f"done: {cfg.total_steps} steps; metrics in {args.workdir / 'metrics.jsonl'}, "
           f"plot in {args.workdir / 'loss.png'}")
 

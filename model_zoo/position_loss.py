@@ -8,14 +8,14 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from model_zoo.data import empty_batch
 from model_zoo.loader import encode_record
 from model_zoo.model import hidden_states, text_logits
-from model_zoo.sharding import batch_sharding, check_mesh_shapes
+from model_zoo.sharding import batch_sharding, check_mesh_shapes, global_batch
+from model_zoo.train import cross_entropy
 
 
 def bucket_edges(seq_len: int) -> list[int]:
@@ -30,9 +30,7 @@ def bucket_edges(seq_len: int) -> list[int]:
 def _token_losses(params, batch, config):
     x = hidden_states(params, batch["inputs"], config=config, segment_ids=batch["segment_ids"],
                       positions=batch["positions"])
-    logits = text_logits(params, x).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return (jax.nn.logsumexp(logits, axis=-1) - picked) * batch["loss_mask"]
+    return cross_entropy(text_logits(params, x), batch["targets"]) * batch["loss_mask"]
 
 
 def scored_documents(documents, tokenizer, *, seq_len, min_tokens=None, max_documents=None):
@@ -71,9 +69,7 @@ def evaluate_position_loss(params, config, scored, *, mesh, seq_len, batch_size=
             batch["loss_mask"][row, :n] = mask[1 : n + 1]
             batch["segment_ids"][row, :n] = 1
             batch["positions"][row, :n] = np.arange(n)
-        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                  for k, v in batch.items()}
-        losses = step(params, placed, config)
+        losses = step(params, global_batch(batch, sharding), config)
         if jax.process_count() > 1:  # the rows and columns other processes hold
             from jax.experimental import multihost_utils
 

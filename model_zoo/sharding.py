@@ -131,6 +131,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH, SEQUENCE))
 
 
+def global_batch(host_batch: dict, sharding) -> dict:
+    """Host arrays [B, L] as global arrays placed by `sharding`: each process supplies the parts its
+    devices hold (with several processes, only those parts need be filled in)."""
+    return {name: jax.make_array_from_callback(values.shape, sharding, lambda index, v=values: v[index])
+            for name, values in host_batch.items()}
+
+
 def attention_axes(config, shape):
     """(strategy, axis_name) that `ring_attn.context_attention` runs with over mesh axis sizes
     `shape`: a uly axis above 1 means Ulysses inside the ring ("usp" over ("sp", "uly"); "auto"

@@ -29,9 +29,17 @@ from model_zoo.data import check_long_needle_fraction, check_max_needles, check_
 from model_zoo.documents import Documents
 from model_zoo.loader import DocumentBatches
 from model_zoo.model import hidden_states, init_params, text_logits, vision_logits
-from model_zoo.sharding import ZERO_AXES, batch_sharding, check_mesh_shapes, make_mesh, param_shardings
+from model_zoo.sharding import (
+    BATCH,
+    ZERO_AXES,
+    batch_sharding,
+    check_mesh_shapes,
+    global_batch,
+    make_mesh,
+    param_shardings,
+)
 from model_zoo.shipped import resolve_model
-from model_zoo.tokenizer import check_fits, copy_tokenizer, default_tokenizer, folder_tokenizer, load_tokenizer
+from model_zoo.tokenizer import check_fits, copy_tokenizer, default_tokenizer, load_tokenizer, model_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -171,18 +179,19 @@ def loss_fn(params, batch, config: LWMConfig, attention=None):
     )
     mask = batch["loss_mask"]
     if not config.vision:
-        return row_normalised(_cross_entropy(text_logits(params, x), batch["targets"]), mask)
+        return row_normalised(cross_entropy(text_logits(params, x), batch["targets"]), mask)
     is_vision = batch["vision_targets"].astype(mask.dtype)
     text_targets = jnp.where(is_vision > 0, 0, batch["targets"])
     vision_targets = jnp.where(is_vision > 0, batch["targets"], 0)
-    text = row_normalised(_cross_entropy(text_logits(params, x), text_targets), mask * (1 - is_vision))
-    vision = row_normalised(_cross_entropy(vision_logits(params, x), vision_targets), mask * is_vision)
+    text = row_normalised(cross_entropy(text_logits(params, x), text_targets), mask * (1 - is_vision))
+    vision = row_normalised(cross_entropy(vision_logits(params, x), vision_targets), mask * is_vision)
     has_text, has_vision = jnp.any(mask * (1 - is_vision) > 0), jnp.any(mask * is_vision > 0)
     both = has_text & has_vision
     return jnp.where(both, 0.5 * text + 0.5 * vision, jnp.where(has_vision, vision, text))
 
 
-def _cross_entropy(logits, targets):
+def cross_entropy(logits, targets):
+    """Per-token cross entropy [B, L] of `targets` under `logits` [B, L, V]."""
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
@@ -263,9 +272,10 @@ def training_mesh(cfg: TrainConfig):
     return mesh
 
 
-def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
+def train(cfg: TrainConfig, workdir, *, progress=True, batches=None) -> dict:
     """Runs (or resumes) training in `workdir`; returns the final state. Writes checkpoints/,
-    metrics.jsonl (one JSON object per step) and loss.png there."""
+    metrics.jsonl (one JSON object per step) and loss.png there. `batches`: the run's
+    `training_batches`, when the caller has built them already (to check the data first)."""
     mesh = training_mesh(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -273,10 +283,9 @@ def train(cfg: TrainConfig, workdir, *, progress=True) -> dict:
     # With several processes the first writes the files; every process writes its checkpoint shards.
     primary = jax.process_index() == 0
     metrics_path = workdir / "metrics.jsonl" if primary else pathlib.Path(os.devnull)
-    tokenizer = training_tokenizer(cfg)
+    batches = batches or training_batches(cfg, mesh, training_tokenizer(cfg))
     if primary:
-        copy_tokenizer(tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
-    batches = training_batches(cfg, mesh, tokenizer)
+        copy_tokenizer(batches.tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
     with jax.set_mesh(mesh):
         state = initial_state(cfg, mesh)
         restored = checkpoints.restore_latest(state)
@@ -307,7 +316,7 @@ def training_tokenizer(cfg: TrainConfig):
     if cfg.tokenizer is not None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     elif cfg.init_from is not None:
-        tokenizer = folder_tokenizer(resolve_model(cfg.init_from)) or default_tokenizer()
+        tokenizer = model_tokenizer(resolve_model(cfg.init_from))
     else:
         tokenizer = default_tokenizer()
     check_fits(tokenizer, cfg.model.vocab_size)
@@ -322,8 +331,7 @@ class TrainingBatches:
     def __init__(self, cfg: TrainConfig, mesh, tokenizer, documents=None):
         self.cfg, self.mesh, self.tokenizer, self.documents = cfg, mesh, tokenizer, documents
         self.sharding = batch_sharding(mesh)
-        shape = dict(mesh.shape)
-        self.num_shards = shape.get("dp", 1) * shape.get("fsdp", 1)
+        self.num_shards = math.prod(mesh.shape[axis] for axis in BATCH)  # the data-parallel ranks
         self.loader = None
         if documents is not None:
             self.loader = DocumentBatches(
@@ -351,9 +359,7 @@ class TrainingBatches:
         return self.loader.batch(step, rows, stage.seq_len)
 
     def device_batch(self, host_batch):
-        """The global batch: each process supplies the parts its devices hold."""
-        return {name: jax.make_array_from_callback(values.shape, self.sharding, lambda index, v=values: v[index])
-                for name, values in host_batch.items()}
+        return global_batch(host_batch, self.sharding)
 
     def check_enough(self, stage):
         if self.loader is not None:
@@ -403,16 +409,16 @@ class TrainingBatches:
         self.loader.restore(record["data_state"])
 
 
-def training_batches(cfg: TrainConfig, mesh, tokenizer, log=print) -> TrainingBatches:
+def training_batches(cfg: TrainConfig, mesh, tokenizer) -> TrainingBatches:
     """The run's batches; the user's documents are opened (and every record checked) here, and
     refused if they cannot fill a batch of every stage, before any step."""
     documents = None
     if cfg.data:
         documents = Documents(cfg.data, cfg.data_field)
-        log(f"data: {documents.describe()}")
+        print(f"data: {documents.describe()}")
     batches = TrainingBatches(cfg, mesh, tokenizer, documents)
     if batches.loader is not None and batches.num_shards > 1:
-        log(f"data: {batches.num_shards} shards (dp x fsdp); process {jax.process_index()} reads "
+        print(f"data: {batches.num_shards} shards (dp x fsdp); process {jax.process_index()} reads "
             f"{', '.join(map(str, batches.loader.shards))}")
     for stage in cfg.stages:
         batches.check_enough(stage)

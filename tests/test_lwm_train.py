@@ -42,6 +42,17 @@ def run(command, env):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def kill_after_steps(command, env, metrics: pathlib.Path, steps: int):
+    """Starts `command` and SIGKILLs it once `metrics` holds `steps` lines."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def damage(checkpoint: pathlib.Path):
     """Overwrites the middle of the checkpoint's largest file, as a failing disk would."""
     largest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -59,15 +70,8 @@ def test_sigkill_and_damaged_checkpoint_resume_to_identical_losses(tmp_path):
     assert [r["step"] for r in expected] == list(range(12))
 
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_steps(train_command(workdir), env, metrics, 5)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 12, steps
     damage(workdir / "checkpoints" / str(steps[-1]))

@@ -6,13 +6,12 @@ per-token oracle."""
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from test_lwm_train import environment, kill_after_steps, run
 from test_multihost import finish, free_port
 from test_user_data import FORMATS, random_texts, write_format, write_jsonl
 
@@ -47,29 +46,19 @@ def train_command(workdir, data):
 
 def test_a_sigkilled_run_on_user_data_resumes_to_the_same_losses_and_data_position(tmp_path):
     data = write_format("jsonl.gz", tmp_path / "data", random_texts(40, seed=3, high=200))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compiled"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    whole = subprocess.run(train_command(tmp_path / "whole", data), cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    env = environment(tmp_path / "compiled")
+    whole = run(train_command(tmp_path / "whole", data), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "data: 40 documents in 1 file(s)" in whole.stdout
     expected = read_metrics(tmp_path / "whole" / "metrics.jsonl")
 
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(workdir, data), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    metrics = workdir / "metrics.jsonl"
+    kill_after_steps(train_command(workdir, data), env, metrics, 7)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and 4 < steps[-1] < 12, steps  # past the stage change: the loader continues at a new length
 
-    resumed = subprocess.run(train_command(workdir, data), cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = run(train_command(workdir, data), env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from the checkpoint at step {steps[-1]}" in resumed.stdout
     got = read_metrics(metrics)
