@@ -11,7 +11,9 @@ Structure (one CTA per query block x query head x batch element, `plgpu.kernel`)
   in shared memory: K^T and V tiles land in slot `t % 2`, each completion signalled on a
   per-slot barrier; before refilling a slot it waits on that slot's "consumed" barrier, on which
   every consumer arrives once it is done with the tile. Copies of the next tile overlap the
-  compute on the current one.
+  compute on the current one. Two consumers when the query tiles pair up and their buffers fit
+  shared memory, else one; a single buffer only where one consumer's double buffer would not fit
+  (`mgpu_common.fitting_scratch`).
 - Each consumer: QK^T = wgmma(Q tile, K^T tile) into a float32 accumulator, masking, online
   softmax in base 2 (exp2), P written to shared memory in the input dtype, then
   wgmma(P, V tile) into float32, rescaled and added to the running output. The result is
@@ -28,11 +30,14 @@ float32 accumulation. float32 inputs are rejected with a ValueError rather than 
 bfloat16, because a float32 caller expects float32 accuracy (the project's float32 tolerance is
 1e-4 relative; bfloat16 operands give about 1e-2) and silently losing it would be worse than an
 error; use impl="pallas_triton" for float32. (wgmma's tf32 mode needs both operands K-major, which
-the K^T layout below is not, and would still round to 10 mantissa bits.) The head dim is
-zero-padded to a multiple of 64 (a 128-byte swizzled row of 16-bit values): 64 and 128 run as
-is, 80 runs as 128; head dims above 128 are rejected (shared memory). Query blocks are cut into
-tiles of 64 rows, key blocks into tiles of 128 keys (head dim 64) or 64 keys (head dim 128); a
-caller block that is not a multiple of 64 is zero-padded to one, as `attention_triton` pads to 16.
+the K^T layout below is not, and would still round to 10 mantissa bits.) The value head dim Hv may
+differ from q and k's H (multi-head latent attention: 192 / 128). Each head dim is zero-padded to
+a multiple of 64 (a 128-byte swizzled row of 16-bit values) of its own: 64, 128 and 192 run as
+is, 80 runs as 128; head dims above 256 (wgmma's widest N) are refused, as are shapes whose
+buffers do not fit shared memory even singly buffered, with a ValueError naming the shapes.
+Query blocks are cut into tiles of 64 rows, key blocks into tiles of 128 keys (both head dims
+64) or 64 keys (either wider); a caller block that is not a multiple of 64 is zero-padded to one,
+as `attention_triton` pads to 16.
 
 K is passed to the kernel transposed, [B, K, H, S] (one XLA transpose per call), so that the
 QK^T wgmma reads a plain [H, tk] tile: Mosaic GPU's interpret mode, with which this kernel is
@@ -57,17 +62,18 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import LN2, match_vma, offsets_operand, scores, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids
-from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
+from pallas_kernels.mgpu_common import fitting_scratch, load, segment_table, streamed_tiles, tiles_seen
 
 # Rows of one warpgroup's wgmma (its M); also the query tile and the unit of padding.
 WG_ROWS = 64
 # Shared-memory rows are 128 bytes, swizzled: 64 16-bit values, the head-dim and key-tile unit.
 SWIZZLE_BYTES = 128
 HEAD_DIM_UNIT = 64
-MAX_HEAD_DIM = 128
-# Key/value tile elements per shared-memory slot: 128 keys at head dim 64, 64 at head dim 128.
+# wgmma's widest N: the output, dq, dk and dv are products that wide.
+MAX_HEAD_DIM = 256
+# Key/value tile elements per shared-memory slot, by the wider of q/k's and v's head dims: 128 keys
+# at 64, 64 at 128, and never fewer than 64 (a swizzled row of P).
 KV_TILE_ELEMENTS = 128 * 64
-NUM_SLOTS = 2
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -78,19 +84,35 @@ def interpret_params():
     return InterpretGPUParams()
 
 
+def padded_head_dim(H):
+    """H zero-padded to whole swizzled rows (80 -> 128, MLA's 192 as is)."""
+    return -(-H // HEAD_DIM_UNIT) * HEAD_DIM_UNIT
+
+
+def kv_tile_cap(qk_dim, v_dim):
+    """Keys per streamed key/value tile, for padded head dims."""
+    return max(HEAD_DIM_UNIT, KV_TILE_ELEMENTS // max(qk_dim, v_dim))
+
+
+def check_head_dims(H, Hv, kernel):
+    if max(H, Hv) > MAX_HEAD_DIM:
+        raise ValueError(f"{kernel} takes head dims up to {MAX_HEAD_DIM}, got q/k {H}, v {Hv}")
+
+
 def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
     causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=None,
 ):
-    """q: [B, T, N, H], k/v: [B, S, K, H] (bfloat16 or float16) -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+    """q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] -> (out [B, T, N, Hv] f32, lse [B, N, T] f32).
 
+    q, k and v are bfloat16 or float16; Hv may differ from H (multi-head latent attention: 192 / 128).
     A query at global position i sees the key at j when causal allows (i >= j), the segment ids
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window. Rows that see
     no key give out 0 and lse -inf. `interpret`: None compiles for the GPU; True or a
     `InterpretGPUParams` runs Mosaic GPU's interpret mode on any backend.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
     dtype = jnp.result_type(q, k, v)
     if dtype not in DTYPES:
         raise ValueError(
@@ -98,64 +120,67 @@ def attention_fwd(
             f"q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}: cast them, or use impl='pallas_triton' "
             "for float32"
         )
-    if H > MAX_HEAD_DIM:
-        raise NotImplementedError(
-            f"the Mosaic GPU attention kernel supports head dims up to {MAX_HEAD_DIM}, got q head dim {H=}"
-        )
+    check_head_dims(H, Hv, "the Mosaic GPU attention kernel")
     if isinstance(interpret, bool):
         interpret = interpret_params() if interpret else None
-    head_dim = -(-H // HEAD_DIM_UNIT) * HEAD_DIM_UNIT
+    qk_dim, v_dim = padded_head_dim(H), padded_head_dim(Hv)
     q_tiling = Tiling.make(T, block_q, WG_ROWS, WG_ROWS)
-    kv_tiling = Tiling.make(S, block_kv, KV_TILE_ELEMENTS // head_dim, HEAD_DIM_UNIT)
-    q_p = q_tiling.pad(pad_head(q.astype(dtype), head_dim))
-    k_p = kv_tiling.pad(pad_head(k.astype(dtype), head_dim))
-    v_p = kv_tiling.pad(pad_head(v.astype(dtype), head_dim))
+    kv_tiling = Tiling.make(S, block_kv, kv_tile_cap(qk_dim, v_dim), HEAD_DIM_UNIT)
+    q_p = q_tiling.pad(pad_head(q.astype(dtype), qk_dim))
+    k_p = kv_tiling.pad(pad_head(k.astype(dtype), qk_dim))
+    v_p = kv_tiling.pad(pad_head(v.astype(dtype), v_dim))
     kt = jnp.transpose(k_p, (0, 2, 3, 1))  # [B, K, H, S]: the QK^T wgmma's B operand tiles
     q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
     segments = q_ids is not None
     table = segment_table(q_ids, kv_ids, q_tiling, kv_tiling) if segments else None
     operands, out_type = typed_alike(q_p, kt, v_p, q_ids, kv_ids, table, offsets_operand(q_offset, kv_offset))
-    # Two consumer warpgroups per CTA when the query tiles pair up, else one.
-    wgs = 2 if q_tiling.num_tiles % 2 == 0 else 1
     call = _fwd_call(
-        B=B, N=N, K=K, head_dim=head_dim, dtype=dtype, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs,
+        B=B, N=N, K=K, qk_dim=qk_dim, v_dim=v_dim, dtype=dtype, q_tiling=q_tiling, kv_tiling=kv_tiling,
         causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
-        out_type=out_type, interpret=interpret,
+        out_type=out_type, interpret=interpret, shapes=f"q/k head dim {H}, v head dim {Hv}, {dtype}",
     )
     out, lse = call(*(x for x in operands if x is not None))
     # Compiled for a GPU, plgpu.kernel drops out_type's manual axis type (interpreted, it keeps it).
     out, lse = (match_vma(x, operands[0]) for x in (out, lse))
-    return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
+    return q_tiling.unpad(out, axis=1)[..., :Hv], q_tiling.unpad(lse, axis=2)
 
 
 def _fwd_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, wgs, causal, window, scale, logit_soft_cap, segments, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments,
+    out_type, interpret, shapes,
 ):
     tq, tk = WG_ROWS, kv_tiling.tile
     T_p = q_tiling.padded_length
     swizzled = (plgpu.TilingTransform((8, SWIZZLE_BYTES // dtype.itemsize)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
     swizzled_f32 = (plgpu.TilingTransform((8, SWIZZLE_BYTES // 4)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
-    scratch = dict(
-        q_smem=plgpu.SMEM((wgs, tq, head_dim), dtype, transforms=swizzled),
-        kt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tk), dtype, transforms=swizzled),
-        v_smem=plgpu.SMEM((NUM_SLOTS, tk, head_dim), dtype, transforms=swizzled),
-        p_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
-        # Swizzled like the 16-bit tiles: newer Mosaic GPU finds no bank-conflict-free store otherwise.
-        o_smem=plgpu.SMEM((wgs, tq, head_dim), jnp.float32, transforms=swizzled_f32),
-        lse_smem=plgpu.SMEM((wgs, tq), jnp.float32),
-        q_ready=plgpu.Barrier(num_barriers=wgs),
-        k_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        v_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=NUM_SLOTS),
+
+    def scratch_for(wgs, slots):
+        return dict(
+            q_smem=plgpu.SMEM((wgs, tq, qk_dim), dtype, transforms=swizzled),
+            kt_smem=plgpu.SMEM((slots, qk_dim, tk), dtype, transforms=swizzled),
+            v_smem=plgpu.SMEM((slots, tk, v_dim), dtype, transforms=swizzled),
+            p_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
+            # Swizzled like the 16-bit tiles: newer Mosaic GPU finds no bank-conflict-free store otherwise.
+            o_smem=plgpu.SMEM((wgs, tq, v_dim), jnp.float32, transforms=swizzled_f32),
+            lse_smem=plgpu.SMEM((wgs, tq), jnp.float32),
+            q_ready=plgpu.Barrier(num_barriers=wgs),
+            k_ready=plgpu.Barrier(num_barriers=slots),
+            v_ready=plgpu.Barrier(num_barriers=slots),
+            consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
+        )
+
+    # The softmax's row max and sum are reductions, which take shared memory of their own.
+    wgs, slots, scratch = fitting_scratch(
+        scratch_for, pairs=q_tiling.num_tiles % 2 == 0, reduces=True,
+        kernel=f"the Mosaic GPU attention kernel at {shapes}",
     )
     body = functools.partial(
-        _fwd_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
+        _fwd_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, slots=slots, groups=N // K, dtype=dtype,
         causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
         compiled=interpret is None,
     )
     out_shape = (
-        jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
+        jax.ShapeDtypeStruct((B, T_p, N, v_dim), jnp.float32, manual_axis_type=out_type),
         jax.ShapeDtypeStruct((B, N, T_p), jnp.float32, manual_axis_type=out_type),
     )
     return plgpu.kernel(
@@ -174,7 +199,7 @@ def _fwd_call(
 
 
 def _fwd_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, slots, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, q_ready, k_ready, v_ready, consumed,
 ):
     if segments:
@@ -182,7 +207,7 @@ def _fwd_body(
     else:
         q_ref, kt_ref, v_ref, offsets_ref, o_ref, lse_ref = refs
     tq, tk = WG_ROWS, kv_tiling.tile
-    head_dim = q_smem.shape[-1]
+    v_dim = v_smem.shape[-1]
 
     def layout(x, to):
         # Interpret mode has no register layouts (and no rule for layout_cast).
@@ -209,9 +234,9 @@ def _fwd_body(
     @pl.when(wg == wgs)
     def _producer():
         def load(t, carry):
-            slot = lax.rem(t, NUM_SLOTS)
+            slot = lax.rem(t, slots)
 
-            @pl.when(t >= NUM_SLOTS)
+            @pl.when(t >= slots)
             def _():
                 plgpu.barrier_wait(consumed.at[slot])
 
@@ -224,10 +249,10 @@ def _fwd_body(
 
         # Take the consumers' last releases too, so that every barrier completion is awaited.
         def drain(t, carry):
-            plgpu.barrier_wait(consumed.at[lax.rem(t, NUM_SLOTS)])
+            plgpu.barrier_wait(consumed.at[lax.rem(t, slots)])
             return carry
 
-        lax.fori_loop(jnp.maximum(steps - NUM_SLOTS, 0), steps, drain, 0)
+        lax.fori_loop(jnp.maximum(steps - slots, 0), steps, drain, 0)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -281,11 +306,11 @@ def _fwd_body(
             l = alpha * l + p.sum(axis=1)
             p_smem.at[wg][...] = p.astype(dtype)
             plgpu.commit_smem()  # make the stores visible to wgmma
-            pv = matmul(p_smem.at[wg], v_smem.at[slot], (tq, head_dim))
-            return acc * lax.broadcast_in_dim(alpha, (tq, head_dim), [0]) + pv, m_new, l
+            pv = matmul(p_smem.at[wg], v_smem.at[slot], (tq, v_dim))
+            return acc * lax.broadcast_in_dim(alpha, (tq, v_dim), [0]) + pv, m_new, l
 
         def step(t, carry):
-            slot = lax.rem(t, NUM_SLOTS)
+            slot = lax.rem(t, slots)
             j = lo + t
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
@@ -296,7 +321,7 @@ def _fwd_body(
             plgpu.barrier_arrive(consumed.at[slot])
             return carry
 
-        acc = layout(jnp.zeros((tq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        acc = layout(jnp.zeros((tq, v_dim), jnp.float32), plgpu.Layout.WGMMA)
         m = layout(jnp.full((tq,), -jnp.inf, jnp.float32), rows_layout)
         l = layout(jnp.zeros((tq,), jnp.float32), rows_layout)
         plgpu.barrier_wait(q_ready.at[wg])
@@ -305,7 +330,7 @@ def _fwd_body(
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         inv = jnp.where(seen, 1.0 / l_safe, 0.0)
-        o_smem.at[wg][...] = acc * lax.broadcast_in_dim(inv, (tq, head_dim), [0])
+        o_smem.at[wg][...] = acc * lax.broadcast_in_dim(inv, (tq, v_dim), [0])
         lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, q_rows, n])

@@ -34,13 +34,15 @@ Rules the kernels keep:
 - Transposed operands (K^T, V^T, Q^T, dO^T) are made once per call by XLA: Mosaic GPU's interpret
   mode cannot apply a transposed view to a wgmma operand, and for the same reason P and dS go
   through shared memory, and each product lands in a fresh accumulator that is added up.
-- Tiles: a resident tile is 64 rows; dq streams key tiles of 128 keys at head dim 64 and 64 at
-  head dim 128 (as the forward), dk/dv streams query tiles of 64 rows (four arrays a step). Two
-  consumer warpgroups share a CTA at head dim 64 when the resident tiles pair up; at head dim 128
-  one, since two would not fit Hopper's 227 KiB of shared memory.
+- Tiles: a resident tile is 64 rows; dq streams key tiles of 128 keys when both head dims are 64
+  and 64 otherwise (as the forward), dk/dv streams query tiles of 64 rows (four arrays a step).
+  Each kernel takes the first layout whose buffers fit Hopper's 227 KiB of shared memory
+  (`mgpu_common.fitting_scratch`): two consumer warpgroups when the resident tiles pair up (as at
+  head dim 64), else one; a double buffer, else a single one (dk/dv at MLA's q/k 192, v 128).
 - Shapes and dtypes as the forward: q, k, v bfloat16 or float16 (float32 is refused, not
-  rounded), head dim zero-padded to 64 or 128 (larger is refused), caller blocks zero-padded to a
-  multiple of 64 rows.
+  rounded); v, out, d_out and dv may have a head dim Hv of their own (multi-head latent attention:
+  192 / 128); each head dim is zero-padded to a multiple of 64 (above 256, or buffers that do not
+  fit even singly, are refused); caller blocks are zero-padded to a multiple of 64 rows.
 - Compiled, the kernels lower with Mosaic GPU's lane semantics (pinned, as the forward does);
   layout casts, which interpret mode has no rules for, are applied only when compiling.
 """
@@ -55,17 +57,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mgpu import (
     DTYPES,
-    HEAD_DIM_UNIT,
-    KV_TILE_ELEMENTS,
-    MAX_HEAD_DIM,
-    NUM_SLOTS,
     SWIZZLE_BYTES,
     WG_ROWS,
+    check_head_dims,
     interpret_params,
+    kv_tile_cap,
+    padded_head_dim,
 )
 from pallas_kernels.common import LOG2E, match_vma, offsets_operand, scores, through_soft_cap, typed_alike
 from pallas_kernels.gpu_tiling import Tiling, kv_tile_range, pad_head, pad_segment_ids, q_tile_range
-from pallas_kernels.mgpu_common import load, segment_table, streamed_tiles, tiles_seen
+from pallas_kernels.mgpu_common import fitting_scratch, load, segment_table, streamed_tiles, tiles_seen
 
 
 def attention_bwd(
@@ -73,17 +74,18 @@ def attention_bwd(
     q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
     interpret=None,
 ):
-    """Gradients of the attention output: float32 (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, H]).
+    """Gradients of the attention output: float32 (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv]).
 
-    q: [B, T, N, H], k/v: [B, S, K, H] (bfloat16 or float16), d_out like q. `lse` [B, N, T] is the
-    natural-log log-sum-exp over every key the rows saw (-inf for rows that saw none), and
+    q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] (bfloat16 or float16), out and d_out
+    [B, T, N, Hv]; Hv may differ from H (multi-head latent attention: 192 / 128). `lse` [B, N, T]
+    is the natural-log log-sum-exp over every key the rows saw (-inf for rows that saw none), and
     `delta` [B, N, T] = rowsum(d_out * out) of the final output, computed here when None (then
     `out` may be None when `delta` is given). Masking as `attention_mgpu.attention_fwd`.
     `interpret`: None compiles for the GPU; True or a `InterpretGPUParams` runs Mosaic GPU's
     interpret mode on any backend.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
     dtype = jnp.result_type(q, k, v)
     if dtype not in DTYPES:
         raise ValueError(
@@ -91,21 +93,18 @@ def attention_bwd(
             f"q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}: cast them, or use impl='pallas_triton' "
             "for float32"
         )
-    if H > MAX_HEAD_DIM:
-        raise NotImplementedError(
-            f"the Mosaic GPU attention backward supports head dims up to {MAX_HEAD_DIM}, got q head dim {H=}"
-        )
+    check_head_dims(H, Hv, "the Mosaic GPU attention backward")
     if isinstance(interpret, bool):
         interpret = interpret_params() if interpret else None
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    head_dim = -(-H // HEAD_DIM_UNIT) * HEAD_DIM_UNIT
+    qk_dim, v_dim = padded_head_dim(H), padded_head_dim(Hv)
     # The same padding for both kernels (64-row units); they differ in the tile they stream.
     q_tiling = Tiling.make(T, block_q, WG_ROWS, WG_ROWS)
     kv_tiling = Tiling.make(S, block_kv, WG_ROWS, WG_ROWS)
-    kv_stream = Tiling.make(S, block_kv, KV_TILE_ELEMENTS // head_dim, WG_ROWS)
-    q_p, do_p = (q_tiling.pad(pad_head(x.astype(dtype), head_dim)) for x in (q, d_out))
-    k_p, v_p = (kv_tiling.pad(pad_head(x.astype(dtype), head_dim)) for x in (k, v))
+    kv_stream = Tiling.make(S, block_kv, kv_tile_cap(qk_dim, v_dim), WG_ROWS)
+    q_p, do_p = (q_tiling.pad(pad_head(x.astype(dtype), width)) for x, width in ((q, qk_dim), (d_out, v_dim)))
+    k_p, v_p = (kv_tiling.pad(pad_head(x.astype(dtype), width)) for x, width in ((k, qk_dim), (v, v_dim)))
     lse_p, delta_p = (q_tiling.pad(x.astype(jnp.float32), axis=2) for x in (lse, delta))
     # The wgmma B operands that are transposes: [B, N, H, T] and [B, K, H, S].
     qt, dot = (jnp.transpose(x, (0, 2, 3, 1)) for x in (q_p, do_p))
@@ -120,8 +119,9 @@ def attention_bwd(
     )
     q_p, do_p, lse_p, delta_p, k_p, v_p, qt, dot, kt, vt, q_ids, kv_ids, dq_table, dkv_table, offsets = operands
     common = dict(
-        B=B, N=N, K=K, head_dim=head_dim, dtype=dtype, causal=causal, window=window, scale=scale,
+        B=B, N=N, K=K, qk_dim=qk_dim, v_dim=v_dim, dtype=dtype, causal=causal, window=window, scale=scale,
         logit_soft_cap=logit_soft_cap, segments=segments, out_type=out_type, interpret=interpret,
+        shapes=f"q/k head dim {H}, v head dim {Hv}, {dtype}",
     )
     dq = _dq_call(q_tiling=q_tiling, kv_tiling=kv_stream, **common)(
         *_present(q_p, do_p, lse_p, delta_p, k_p, kt, vt, q_ids, kv_ids, dq_table, offsets)
@@ -132,17 +132,12 @@ def attention_bwd(
     # Compiled for a GPU, plgpu.kernel drops out_type's manual axis type (interpreted, it keeps it).
     dq, dk, dv = (match_vma(x, offsets) for x in (dq, dk, dv))
     return (
-        q_tiling.unpad(dq, axis=1)[..., :H], kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :H]
+        q_tiling.unpad(dq, axis=1)[..., :H], kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :Hv]
     )
 
 
 def _present(*operands):
     return tuple(x for x in operands if x is not None)
-
-
-def _consumer_wgs(head_dim, tiling):
-    """Two consumer warpgroups when the resident tiles pair up and their buffers fit shared memory."""
-    return 2 if head_dim == HEAD_DIM_UNIT and tiling.num_tiles % 2 == 0 else 1
 
 
 def _call(body, *, out_shape, scratch, grid, grid_names, wgs, interpret, name):
@@ -172,33 +167,39 @@ def _staging(shape):
 
 
 def _dq_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments,
+    out_type, interpret, shapes,
 ):
     tq, tk = WG_ROWS, kv_tiling.tile
-    wgs = _consumer_wgs(head_dim, q_tiling)
     swizzled = _swizzled(dtype)
-    scratch = dict(
-        q_smem=plgpu.SMEM((wgs, tq, head_dim), dtype, transforms=swizzled),
-        do_smem=plgpu.SMEM((wgs, tq, head_dim), dtype, transforms=swizzled),
-        k_smem=plgpu.SMEM((NUM_SLOTS, tk, head_dim), dtype, transforms=swizzled),
-        kt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tk), dtype, transforms=swizzled),
-        vt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tk), dtype, transforms=swizzled),
-        ds_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
-        dq_smem=_staging((wgs, tq, head_dim)),
-        q_ready=plgpu.Barrier(num_barriers=wgs),
-        do_ready=plgpu.Barrier(num_barriers=wgs),
-        k_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        kt_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        vt_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=NUM_SLOTS),
+
+    def scratch_for(wgs, slots):
+        return dict(
+            q_smem=plgpu.SMEM((wgs, tq, qk_dim), dtype, transforms=swizzled),
+            do_smem=plgpu.SMEM((wgs, tq, v_dim), dtype, transforms=swizzled),
+            k_smem=plgpu.SMEM((slots, tk, qk_dim), dtype, transforms=swizzled),
+            kt_smem=plgpu.SMEM((slots, qk_dim, tk), dtype, transforms=swizzled),
+            vt_smem=plgpu.SMEM((slots, v_dim, tk), dtype, transforms=swizzled),
+            ds_smem=plgpu.SMEM((wgs, tq, tk), dtype, transforms=swizzled),
+            dq_smem=_staging((wgs, tq, qk_dim)),
+            q_ready=plgpu.Barrier(num_barriers=wgs),
+            do_ready=plgpu.Barrier(num_barriers=wgs),
+            k_ready=plgpu.Barrier(num_barriers=slots),
+            kt_ready=plgpu.Barrier(num_barriers=slots),
+            vt_ready=plgpu.Barrier(num_barriers=slots),
+            consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
+        )
+
+    wgs, slots, scratch = fitting_scratch(
+        scratch_for, pairs=q_tiling.num_tiles % 2 == 0, reduces=False,
+        kernel=f"the Mosaic GPU attention backward's dq kernel at {shapes}",
     )
     body = functools.partial(
-        _dq_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
+        _dq_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, slots=slots, groups=N // K, dtype=dtype,
         causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
         compiled=interpret is None,
     )
-    out_shape = jax.ShapeDtypeStruct((B, q_tiling.padded_length, N, head_dim), jnp.float32, manual_axis_type=out_type)
+    out_shape = jax.ShapeDtypeStruct((B, q_tiling.padded_length, N, qk_dim), jnp.float32, manual_axis_type=out_type)
     return _call(
         body, out_shape=out_shape, scratch=scratch, grid=(q_tiling.num_tiles // wgs, N, B),
         grid_names=("q", "heads", "batch"), wgs=wgs, interpret=interpret, name="ring_attn_bwd_dq_mgpu",
@@ -206,42 +207,54 @@ def _dq_call(
 
 
 def _dkv_call(
-    *, B, N, K, head_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, dtype, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments,
+    out_type, interpret, shapes,
 ):
     tk, tq = WG_ROWS, q_tiling.tile
-    wgs = _consumer_wgs(head_dim, kv_tiling)
     swizzled = _swizzled(dtype)
-    scratch = dict(
-        k_smem=plgpu.SMEM((wgs, tk, head_dim), dtype, transforms=swizzled),
-        v_smem=plgpu.SMEM((wgs, tk, head_dim), dtype, transforms=swizzled),
-        q_smem=plgpu.SMEM((NUM_SLOTS, tq, head_dim), dtype, transforms=swizzled),
-        qt_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tq), dtype, transforms=swizzled),
-        do_smem=plgpu.SMEM((NUM_SLOTS, tq, head_dim), dtype, transforms=swizzled),
-        dot_smem=plgpu.SMEM((NUM_SLOTS, head_dim, tq), dtype, transforms=swizzled),
-        lse_smem=plgpu.SMEM((NUM_SLOTS, tq), jnp.float32),
-        delta_smem=plgpu.SMEM((NUM_SLOTS, tq), jnp.float32),
-        ds_smem=plgpu.SMEM((wgs, tk, tq), dtype, transforms=swizzled),
-        # dk, then dv, staged for the TMA store.
-        out_smem=_staging((wgs, tk, head_dim)),
-        k_ready=plgpu.Barrier(num_barriers=wgs),
-        v_ready=plgpu.Barrier(num_barriers=wgs),
-        q_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        qt_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        do_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        dot_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        lse_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        delta_ready=plgpu.Barrier(num_barriers=NUM_SLOTS),
-        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=NUM_SLOTS),
+
+    def scratch_for(wgs, slots):
+        scratch = dict(
+            k_smem=plgpu.SMEM((wgs, tk, qk_dim), dtype, transforms=swizzled),
+            v_smem=plgpu.SMEM((wgs, tk, v_dim), dtype, transforms=swizzled),
+            q_smem=plgpu.SMEM((slots, tq, qk_dim), dtype, transforms=swizzled),
+            qt_smem=plgpu.SMEM((slots, qk_dim, tq), dtype, transforms=swizzled),
+            do_smem=plgpu.SMEM((slots, tq, v_dim), dtype, transforms=swizzled),
+            dot_smem=plgpu.SMEM((slots, v_dim, tq), dtype, transforms=swizzled),
+            lse_smem=plgpu.SMEM((slots, tq), jnp.float32),
+            delta_smem=plgpu.SMEM((slots, tq), jnp.float32),
+            ds_smem=plgpu.SMEM((wgs, tk, tq), dtype, transforms=swizzled),
+            # dk, then dv when it is as wide, staged for the TMA store.
+            out_smem=_staging((wgs, tk, qk_dim)),
+            k_ready=plgpu.Barrier(num_barriers=wgs),
+            v_ready=plgpu.Barrier(num_barriers=wgs),
+            q_ready=plgpu.Barrier(num_barriers=slots),
+            qt_ready=plgpu.Barrier(num_barriers=slots),
+            do_ready=plgpu.Barrier(num_barriers=slots),
+            dot_ready=plgpu.Barrier(num_barriers=slots),
+            lse_ready=plgpu.Barrier(num_barriers=slots),
+            delta_ready=plgpu.Barrier(num_barriers=slots),
+            consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
+        )
+        if v_dim != qk_dim:
+            scratch["dv_smem"] = _staging((wgs, tk, v_dim))
+        return scratch
+
+    wgs, slots, scratch = fitting_scratch(
+        scratch_for, pairs=kv_tiling.num_tiles % 2 == 0, reduces=False,
+        kernel=f"the Mosaic GPU attention backward's dk/dv kernel at {shapes}",
     )
     body = functools.partial(
-        _dkv_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, groups=N // K, dtype=dtype,
+        _dkv_body, q_tiling=q_tiling, kv_tiling=kv_tiling, wgs=wgs, slots=slots, groups=N // K, dtype=dtype,
         causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=segments,
         compiled=interpret is None,
     )
-    grad = jax.ShapeDtypeStruct((B, kv_tiling.padded_length, K, head_dim), jnp.float32, manual_axis_type=out_type)
+    dk, dv = (
+        jax.ShapeDtypeStruct((B, kv_tiling.padded_length, K, width), jnp.float32, manual_axis_type=out_type)
+        for width in (qk_dim, v_dim)
+    )
     return _call(
-        body, out_shape=(grad, grad), scratch=scratch, grid=(kv_tiling.num_tiles // wgs, K, B),
+        body, out_shape=(dk, dv), scratch=scratch, grid=(kv_tiling.num_tiles // wgs, K, B),
         grid_names=("kv", "heads", "batch"), wgs=wgs, interpret=interpret, name="ring_attn_bwd_dkv_mgpu",
     )
 
@@ -280,13 +293,13 @@ def _visible(distance, masks, *, causal, window):
     return functools.reduce(jnp.logical_and, masks) if masks else None
 
 
-def _produce(steps, fetch, consumed):
+def _produce(steps, slots, fetch, consumed):
     """The producer: fetch(t, slot) issues step t's copies once every consumer released the slot."""
 
     def step(t, carry):
-        slot = lax.rem(t, NUM_SLOTS)
+        slot = lax.rem(t, slots)
 
-        @pl.when(t >= NUM_SLOTS)
+        @pl.when(t >= slots)
         def _():
             plgpu.barrier_wait(consumed.at[slot])
 
@@ -297,18 +310,18 @@ def _produce(steps, fetch, consumed):
 
     # Take the consumers' last releases too, so that every barrier completion is awaited.
     def drain(t, carry):
-        plgpu.barrier_wait(consumed.at[lax.rem(t, NUM_SLOTS)])
+        plgpu.barrier_wait(consumed.at[lax.rem(t, slots)])
         return carry
 
-    lax.fori_loop(jnp.maximum(steps - NUM_SLOTS, 0), steps, drain, 0)
+    lax.fori_loop(jnp.maximum(steps - slots, 0), steps, drain, 0)
 
 
-def _consume(steps, ready, consumed, visible, compute, carry):
+def _consume(steps, slots, ready, consumed, visible, compute, carry):
     """A consumer: for each step t, wait for its slot's copies, compute(t, slot, carry) when
     visible(t), and release the slot either way."""
 
     def step(t, carry):
-        slot = lax.rem(t, NUM_SLOTS)
+        slot = lax.rem(t, slots)
         for barrier in ready:
             plgpu.barrier_wait(barrier.at[slot])
         carry = lax.cond(visible(t), functools.partial(compute, t, slot), lambda c: c, carry)
@@ -319,7 +332,7 @@ def _consume(steps, ready, consumed, visible, compute, carry):
 
 
 def _dq_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, slots, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     q_smem, do_smem, k_smem, kt_smem, vt_smem, ds_smem, dq_smem, q_ready, do_ready, k_ready, kt_ready, vt_ready,
     consumed,
 ):
@@ -329,7 +342,7 @@ def _dq_body(
     else:
         q_ref, do_ref, lse_ref, delta_ref, k_ref, kt_ref, vt_ref, offsets_ref, dq_ref = refs
     tq, tk = WG_ROWS, kv_tiling.tile
-    head_dim = q_smem.shape[-1]
+    qk_dim = q_smem.shape[-1]
     layout = functools.partial(_layout, compiled=compiled)
     registers = functools.partial(_registers, compiled=compiled)
     rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
@@ -353,7 +366,7 @@ def _dq_body(
             plgpu.copy_gmem_to_smem(kt_ref.at[b, kv_head, :, keys], kt_smem.at[slot], kt_ready.at[slot])
             plgpu.copy_gmem_to_smem(vt_ref.at[b, kv_head, :, keys], vt_smem.at[slot], vt_ready.at[slot])
 
-        _produce(steps, fetch, consumed)
+        _produce(steps, slots, fetch, consumed)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -398,12 +411,12 @@ def _dq_body(
             ds = p * (dp - lax.broadcast_in_dim(delta, (tq, tk), [0]))
             ds_smem.at[wg][...] = through_soft_cap(ds, s, logit_soft_cap=logit_soft_cap, base2=True).astype(dtype)
             plgpu.commit_smem()  # make the stores visible to wgmma
-            return dq + _matmul(ds_smem.at[wg], k_smem.at[slot], (tq, head_dim))
+            return dq + _matmul(ds_smem.at[wg], k_smem.at[slot], (tq, qk_dim))
 
-        dq = layout(jnp.zeros((tq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        dq = layout(jnp.zeros((tq, qk_dim), jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(q_ready.at[wg])
         plgpu.barrier_wait(do_ready.at[wg])
-        dq = _consume(steps, (k_ready, kt_ready, vt_ready), consumed, visible, compute, dq)
+        dq = _consume(steps, slots, (k_ready, kt_ready, vt_ready), consumed, visible, compute, dq)
         dq_smem.at[wg][...] = dq * scale
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, n])
@@ -411,9 +424,9 @@ def _dq_body(
 
 
 def _dkv_body(
-    *refs, q_tiling, kv_tiling, wgs, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
+    *refs, q_tiling, kv_tiling, wgs, slots, groups, dtype, causal, window, scale, logit_soft_cap, segments, compiled,
     k_smem, v_smem, q_smem, qt_smem, do_smem, dot_smem, lse_smem, delta_smem, ds_smem, out_smem,
-    k_ready, v_ready, q_ready, qt_ready, do_ready, dot_ready, lse_ready, delta_ready, consumed,
+    k_ready, v_ready, q_ready, qt_ready, do_ready, dot_ready, lse_ready, delta_ready, consumed, dv_smem=None,
 ):
     if segments:
         (k_ref, v_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, table_ref,
@@ -421,7 +434,7 @@ def _dkv_body(
     else:
         k_ref, v_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, offsets_ref, dk_ref, dv_ref = refs
     tk, tq = WG_ROWS, q_tiling.tile
-    head_dim = k_smem.shape[-1]
+    qk_dim, v_dim = k_smem.shape[-1], v_smem.shape[-1]
     layout = functools.partial(_layout, compiled=compiled)
     registers = functools.partial(_registers, compiled=compiled)
     rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
@@ -453,7 +466,7 @@ def _dkv_body(
             plgpu.copy_gmem_to_smem(lse_ref.at[b, n, rows], lse_smem.at[slot], lse_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, n, rows], delta_smem.at[slot], delta_ready.at[slot])
 
-        _produce(steps, fetch, consumed)
+        _produce(steps, slots, fetch, consumed)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -497,24 +510,27 @@ def _dkv_body(
                 pt = jnp.where(mask, pt, 0.0)
             ds_smem.at[wg][...] = pt.astype(dtype)
             plgpu.commit_smem()
-            dv = dv + _matmul(ds_smem.at[wg], do_smem.at[slot], (tk, head_dim))
+            dv = dv + _matmul(ds_smem.at[wg], do_smem.at[slot], (tk, v_dim))
             dpt = _matmul(v_smem.at[wg], dot_smem.at[slot], (tk, tq))
             # The dV product has completed, so the P^T buffer takes dS^T.
             ds_smem.at[wg][...] = through_soft_cap(pt * (dpt - delta), st, logit_soft_cap=logit_soft_cap,
                                                    base2=True).astype(dtype)
             plgpu.commit_smem()
-            return dk + _matmul(ds_smem.at[wg], q_smem.at[slot], (tk, head_dim)), dv
+            return dk + _matmul(ds_smem.at[wg], q_smem.at[slot], (tk, qk_dim)), dv
 
-        zeros = layout(jnp.zeros((tk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        zeros = tuple(layout(jnp.zeros((tk, width), jnp.float32), plgpu.Layout.WGMMA) for width in (qk_dim, v_dim))
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
         ready = (q_ready, qt_ready, do_ready, dot_ready, lse_ready, delta_ready)
-        dk, dv = _consume(steps, ready, consumed, visible, compute, (zeros, zeros))
+        dk, dv = _consume(steps, slots, ready, consumed, visible, compute, zeros)
         out_smem.at[wg][...] = dk * scale
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg], dk_ref.at[b, keys, h])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
-        out_smem.at[wg][...] = dv
+        # dv of dk's width reuses its staging buffer once the store has read it; another width has its own.
+        if dv_smem is None:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        dv_staging = out_smem if dv_smem is None else dv_smem
+        dv_staging.at[wg][...] = dv
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg], dv_ref.at[b, keys, h])
+        plgpu.copy_smem_to_gmem(dv_staging.at[wg], dv_ref.at[b, keys, h])
         plgpu.wait_smem_to_gmem(0)

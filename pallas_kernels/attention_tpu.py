@@ -3,8 +3,10 @@
 Same inputs, outputs and masking rules as `attention_xla.attention_fwd` / `attention_bwd`, so the
 two are interchangeable. Layout: q/k/v stay `[B, L, heads, H]` in HBM, viewed as `[B, L, heads * Hp]`
 with H zero-padded to a lane multiple `Hp`, so one head of one tile is a `[block, Hp]` block that the
-BlockSpec DMAs directly (no transposes; no copy at all when H is a multiple of 128). Grouped-query
-attention is an index map: query head n reads key/value head n // (N // K).
+BlockSpec DMAs directly (no transposes; no copy at all when H is a multiple of 128). v, the output
+and its gradient have their own head dim Hv (DeepSeek's MLA: H = 192, Hv = 128), padded the same
+way to `Hvp`: each array is padded to its own width only. Grouped-query attention is an index map:
+query head n reads key/value head n // (N // K).
 
 Global positions `q_offset` / `kv_offset` are scalar-prefetched (traced scalars are fine), so one
 compiled kernel serves every ring step. Tiles that causality, the window or disjoint segment ids
@@ -51,7 +53,7 @@ def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
     causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=None,
 ):
-    """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+    """q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] -> (out [B, T, N, Hv] f32, lse [B, N, T] f32).
 
     A query at global position i sees the key at j when causal allows (i >= j), the segment ids
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
@@ -59,20 +61,20 @@ def attention_fwd(
     `pltpu.InterpretParams()` to run anywhere.
     """
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K, Hv = k.shape[2], v.shape[3]
     mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret)
-    Hp = _padded_head_dim(H)
+    Hp, Hvp = _padded_head_dim(H), _padded_head_dim(Hv)
     prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
     operands, vma = typed_alike(
-        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids
+        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hvp), q_ids, kv_ids
     )
     build = functools.partial(
-        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
+        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, Hvp=Hvp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
         interpret=interpret,
     )
     out, lse = build()(*operands)
-    return _heads_split(out, N, H), lse[..., 0]
+    return _heads_split(out, N, Hv), lse[..., 0]
 
 
 def attention_bwd(
@@ -80,32 +82,34 @@ def attention_bwd(
     q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
     interpret=None,
 ):
-    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
+    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv])`.
 
-    `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
-    `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None (then
-    `out` is needed, otherwise it may be None). dk/dv of a key/value head sum over the query
-    heads of its group inside the dk/dv kernel.
+    `out` and `d_out` are [B, T, N, Hv]. `lse` [B, N, T] is the log-sum-exp over every key the rows
+    saw (in a ring: all steps), and `delta` [B, N, T] = rowsum(d_out * out) of the final output;
+    computed here when None (then `out` is needed, otherwise it may be None). dk/dv of a key/value
+    head sum over the query heads of its group inside the dk/dv kernel.
     """
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K, Hv = k.shape[2], v.shape[3]
     mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret)
     if delta is None:
         if out is None:
             raise ValueError("attention_bwd needs `out` or `delta`")
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    Hp = _padded_head_dim(H)
+    Hp, Hvp = _padded_head_dim(H), _padded_head_dim(Hv)
     prefetch = _scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
     # A row that saw no key has lse -inf: +inf instead makes its p = exp(s - lse) exactly 0.
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))[:, :, None, :]  # [B, N, 1, T]
     delta = delta.astype(jnp.float32)[:, :, None, :]
-    q_, k_, v_, do_ = (_heads_minor(x, Hp) for x in (q, k, v, d_out))
+    q_, k_, v_, do_ = _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hvp), _heads_minor(d_out, Hvp)
     operands, vma = typed_alike(*prefetch, q_, k_, v_, do_, lse, delta, q_ids, kv_ids)
-    common = dict(B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma, interpret=interpret)
+    common = dict(
+        B=B, N=N, K=K, Hp=Hp, Hvp=Hvp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma, interpret=interpret
+    )
     dq = _build_bwd_dq(mask, **common)(*operands)
     dk, dv = _build_bwd_dkv(mask, **common)(*operands)
-    return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, H)
+    return _heads_split(dq, N, H), _heads_split(dk, K, H), _heads_split(dv, K, Hv)
 
 
 def attention_fwd_ring_step(
@@ -127,33 +131,34 @@ def attention_fwd_ring_step(
     not given).
     """
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K, Hv = k.shape[2], v.shape[3]
     mask = _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, None, block_q, block_kv, interpret)
-    Hp = _padded_head_dim(H)
+    Hp, Hvp = _padded_head_dim(H), _padded_head_dim(Hv)
     ring_size, rank = lax.axis_size(axis_name), lax.axis_index(axis_name)
     # In SMEM, not lax.axis_index in the kernel: interpret mode cannot run that under check_vma=True.
     neighbours = jnp.stack([(rank + ring_size - 1) % ring_size, (rank + 1) % ring_size]).astype(jnp.int32)
     prefetch = (*_scalar_prefetch(mask, q_offset, kv_offset, q_segment_ids, kv_segment_ids), neighbours)
     q_ids, kv_ids = _ids_as_rows(q_segment_ids), _ids_as_rows(kv_segment_ids)
     operands, vma = typed_alike(
-        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hp), q_ids, kv_ids, k, v, kv_ids
+        *prefetch, _heads_minor(q, Hp), _heads_minor(k, Hp), _heads_minor(v, Hvp), q_ids, kv_ids, k, v, kv_ids
     )
     build = functools.partial(
-        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
+        _build_fwd, mask, B=B, N=N, K=K, Hp=Hp, Hvp=Hvp, scale=scale, logit_soft_cap=logit_soft_cap, vma=vma,
         interpret=interpret,
     )
-    out, lse, k_next, v_next, kv_ids_next = build(ring=_RingPass(axis_name, k.shape, k.dtype))(*operands)
+    out, lse, k_next, v_next, kv_ids_next = build(ring=_RingPass(axis_name, k.shape, v.shape, k.dtype))(*operands)
     kv_next = (k_next, v_next, None if kv_ids_next is None else kv_ids_next[:, 0, :])
-    return (_heads_split(out, N, H), lse[..., 0]), kv_next
+    return (_heads_split(out, N, Hv), lse[..., 0]), kv_next
 
 
 @dataclasses.dataclass(frozen=True)
 class _RingPass:
-    """What `_build_fwd` needs to pass the k/v shard on: the mesh axis, and the shape
-    ([B, S, K, H]) and dtype of k and v as they travel."""
+    """What `_build_fwd` needs to pass the k/v shard on: the mesh axis, the shapes of k
+    ([B, S, K, H]) and v ([B, S, K, Hv]) as they travel, and their dtype."""
 
     axis_name: object
-    kv_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
     kv_dtype: object
 
 
@@ -163,26 +168,28 @@ def _segment_specs(mask, q_ids_index, kv_ids_index):
     return [pl.BlockSpec((None, 1, mask.block_q), q_ids_index), pl.BlockSpec((None, 1, mask.block_kv), kv_ids_index)]
 
 
-def _build_fwd(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret, ring=None):
+def _build_fwd(mask, *, B, N, K, Hp, Hvp, scale, logit_soft_cap, vma, interpret, ring=None):
     """The forward `pallas_call`; with `ring` (a `_RingPass`), the ring-step kernel that also
     sends the whole held shard (extra HBM inputs) into the next device's receive buffers (extra
-    HBM outputs), with one send and one receive DMA semaphore per array."""
+    HBM outputs, each of its own array's shape), with one send and one receive DMA semaphore per
+    array."""
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
-    q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
-    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
-    in_specs = [q_spec, kv_spec, kv_spec,
+    kv_rows_index = functools.partial(_kv_rows_index, mask=mask, group=G)
+    in_specs = [pl.BlockSpec((None, bq, Hp), _q_rows_index), pl.BlockSpec((None, bk, Hp), kv_rows_index),
+                pl.BlockSpec((None, bk, Hvp), kv_rows_index),
                 *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
-    out_specs = [q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
+    out_specs = [pl.BlockSpec((None, bq, Hvp), _q_rows_index),
+                 pl.BlockSpec((None, None, bq, NUM_LANES), _lse_out_index)]
     out_shape = [
-        jax.ShapeDtypeStruct((B, T, N * Hp), jnp.float32, manual_axis_type=vma),
+        jax.ShapeDtypeStruct((B, T, N * Hvp), jnp.float32, manual_axis_type=vma),
         # Lane-replicated, as Mosaic keeps a per-row statistic; the caller keeps lane 0.
         jax.ShapeDtypeStruct((B, N, T, NUM_LANES), jnp.float32, manual_axis_type=vma),
     ]
     scratch_shapes = [
         pltpu.VMEM((bq, NUM_LANES), jnp.float32),
         pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-        pltpu.VMEM((bq, Hp), jnp.float32),
+        pltpu.VMEM((bq, Hvp), jnp.float32),
     ]
     kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap)
     params = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
@@ -191,9 +198,11 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret, ring
         ids = whole if mask.segments else None
         in_specs += [whole, whole, ids]
         out_specs += [whole, whole, ids]
-        kv_next = jax.ShapeDtypeStruct(ring.kv_shape, ring.kv_dtype, manual_axis_type=vma)
-        ids_next = jax.ShapeDtypeStruct((B, 1, ring.kv_shape[1]), jnp.int32, manual_axis_type=vma)
-        out_shape += [kv_next, kv_next, ids_next if mask.segments else None]
+        k_next, v_next = (
+            jax.ShapeDtypeStruct(shape, ring.kv_dtype, manual_axis_type=vma) for shape in (ring.k_shape, ring.v_shape)
+        )
+        ids_next = jax.ShapeDtypeStruct((B, 1, ring.k_shape[1]), jnp.int32, manual_axis_type=vma)
+        out_shape += [k_next, v_next, ids_next if mask.segments else None]
         scratch_shapes += [pltpu.SemaphoreType.DMA((3,)), pltpu.SemaphoreType.DMA((3,))]
         kernel = functools.partial(
             _fwd_ring_step_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap, axis_name=ring.axis_name
@@ -215,13 +224,14 @@ def _build_fwd(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret, ring
     )
 
 
-def _build_bwd_dq(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
+def _build_bwd_dq(mask, *, B, N, K, Hp, Hvp, scale, logit_soft_cap, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     T = mask.num_q_blocks * bq
+    kv_rows_index = functools.partial(_kv_rows_index, mask=mask, group=G)
     q_spec = pl.BlockSpec((None, bq, Hp), _q_rows_index)
-    kv_spec = pl.BlockSpec((None, bk, Hp), functools.partial(_kv_rows_index, mask=mask, group=G))
     stat_spec = pl.BlockSpec((None, None, 1, bq), _q_stat_index)
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+    in_specs = [q_spec, pl.BlockSpec((None, bk, Hp), kv_rows_index), pl.BlockSpec((None, bk, Hvp), kv_rows_index),
+                pl.BlockSpec((None, bq, Hvp), _q_rows_index), stat_spec, stat_spec,
                 *_segment_specs(mask, _q_ids_index, functools.partial(_kv_ids_index, mask=mask))]
     return pl.pallas_call(
         functools.partial(_bwd_dq_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap),
@@ -239,24 +249,28 @@ def _build_bwd_dq(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
     )
 
 
-def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
+def _build_bwd_dkv(mask, *, B, N, K, Hp, Hvp, scale, logit_soft_cap, vma, interpret):
     bq, bk, G = mask.block_q, mask.block_kv, N // K
     S = mask.num_kv_blocks * bk
-    q_spec = pl.BlockSpec((None, bq, Hp), functools.partial(_dkv_q_rows_index, mask=mask, group=G))
-    kv_spec = pl.BlockSpec((None, bk, Hp), _dkv_kv_rows_index)
+    q_rows_index = functools.partial(_dkv_q_rows_index, mask=mask, group=G)
+    k_spec = pl.BlockSpec((None, bk, Hp), _dkv_kv_rows_index)
+    v_spec = pl.BlockSpec((None, bk, Hvp), _dkv_kv_rows_index)
     stat_spec = pl.BlockSpec((None, None, 1, bq), functools.partial(_dkv_q_stat_index, mask=mask, group=G))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
+    in_specs = [pl.BlockSpec((None, bq, Hp), q_rows_index), k_spec, v_spec,
+                pl.BlockSpec((None, bq, Hvp), q_rows_index), stat_spec, stat_spec,
                 *_segment_specs(mask, functools.partial(_dkv_q_ids_index, mask=mask), _dkv_kv_ids_index)]
-    dkv_shape = jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma)
     return pl.pallas_call(
         functools.partial(_bwd_dkv_kernel, mask=mask, scale=scale, logit_soft_cap=logit_soft_cap),
-        out_shape=[dkv_shape, dkv_shape],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, S, K * Hp), jnp.float32, manual_axis_type=vma),
+            jax.ShapeDtypeStruct((B, S, K * Hvp), jnp.float32, manual_axis_type=vma),
+        ],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(B, K, mask.num_kv_blocks, G, mask.num_q_blocks),
             in_specs=in_specs,
-            out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((bk, Hp), jnp.float32), pltpu.VMEM((bk, Hp), jnp.float32)],
+            out_specs=[k_spec, v_spec],
+            scratch_shapes=[pltpu.VMEM((bk, Hp), jnp.float32), pltpu.VMEM((bk, Hvp), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
@@ -268,12 +282,14 @@ def _build_bwd_dkv(mask, *, B, N, K, Hp, scale, logit_soft_cap, vma, interpret):
 
 def _checked_mask(q, k, v, q_segment_ids, kv_segment_ids, causal, window, block_q, block_kv, interpret):
     """The static masking rules, after validating shapes and block sizes."""
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, T, N, H] and k, v [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"expected q [B, T, N, H], k [B, S, K, H] and v [B, S, K, Hv]; got {q.shape}, {k.shape}, {v.shape}"
+        )
     B, T, N, H = q.shape
     _, S, K, _ = k.shape
     if k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(f"q {q.shape} and k/v {k.shape} disagree on batch or head dim")
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
     if T % block_q or S % block_kv:
@@ -512,7 +528,7 @@ def _fwd_kernel(
     *, mask, scale, logit_soft_cap,
 ):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    bk, Hp = mask.block_kv, acc_scratch_ref.shape[-1]
+    bk, Hvp = mask.block_kv, acc_scratch_ref.shape[-1]
 
     @pl.when(j == 0)
     def _init():
@@ -531,7 +547,7 @@ def _fwd_kernel(
         l_scratch_ref[...] = alpha * l_prev + p.sum(axis=-1)[:, None]
         m_scratch_ref[...] = m_next
         pv = lax.dot_general(p.astype(v.dtype), v, _NN_DIMS, preferred_element_type=jnp.float32)
-        acc_scratch_ref[...] = _lanes(alpha, Hp) * acc_scratch_ref[...] + pv
+        acc_scratch_ref[...] = _lanes(alpha, Hvp) * acc_scratch_ref[...] + pv
 
     _when(mask.tile_visible(b, i, j, offsets_ref, q_range_ref, kv_range_ref), _compute)
 
@@ -542,7 +558,7 @@ def _fwd_kernel(
         seen = m > _SEEN_THRESHOLD
         l_safe = jnp.where(seen, l, 1.0)
         inv_l = jnp.where(seen, 1.0 / l_safe, 0.0)
-        o_ref[...] = acc_scratch_ref[...] * _lanes(inv_l, Hp)
+        o_ref[...] = acc_scratch_ref[...] * _lanes(inv_l, Hvp)
         lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 

@@ -12,8 +12,10 @@ head n // (N // K) through the index maps; K/V are never repeated. Key (query) t
 query (key) of the program's tile can see are never loaded: the causal diagonal and the window
 bound the loops, and tiles whose segment id ranges are disjoint are skipped by `lax.cond`.
 
-Triton needs power-of-two tensor dimensions of at least 16 in `tl.dot`, so the head dim is
-zero-padded to a power of two (80 -> 128), and a block whose largest power-of-two divisor is
+The value head dim Hv may differ from q and k's H (multi-head latent attention: 192 / 128): v,
+the output and its gradient have their own width throughout. Triton needs power-of-two tensor
+dimensions of at least 16 in `tl.dot`, so each head dim is zero-padded to a power of two of its
+own (80 -> 128; MLA's 192 -> 256, its 128 as is), and a block whose largest power-of-two divisor is
 below 16 is padded to a multiple of 16 rows; the padding is masked out and sliced off. Blocks
 larger than the kernel's tile cap run as several tiles of the cap: the caller's block is the
 unit of padding, the tile the unit of work.
@@ -43,31 +45,31 @@ def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
     causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv, interpret=False,
 ):
-    """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+    """q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] -> (out [B, T, N, Hv] f32, lse [B, N, T] f32).
 
     A query at global position i sees the key at j when causal allows (i >= j), the segment ids
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
     Rows that see no key give out 0 and lse -inf. `interpret=True` runs the kernel on any backend.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
     dtype = jnp.result_type(q, k, v)
     q_cap = MAX_TILE_Q_FWD if jnp.dtype(dtype).itemsize <= 2 else MAX_TILE
     q_tiling = Tiling.make(T, block_q, q_cap, MIN_TILE)
     kv_tiling = Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
-    head_dim = _padded_head_dim(H)
-    q_p = q_tiling.pad(pad_head(q.astype(dtype), head_dim))
-    k_p = kv_tiling.pad(pad_head(k.astype(dtype), head_dim))
-    v_p = kv_tiling.pad(pad_head(v.astype(dtype), head_dim))
+    qk_dim, v_dim = _padded_head_dim(H), _padded_head_dim(Hv)
+    q_p = q_tiling.pad(pad_head(q.astype(dtype), qk_dim))
+    k_p = kv_tiling.pad(pad_head(k.astype(dtype), qk_dim))
+    v_p = kv_tiling.pad(pad_head(v.astype(dtype), v_dim))
     q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
     operands, out_type = typed_alike(q_p, k_p, v_p, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     call = _fwd_call(
-        B=B, N=N, K=K, head_dim=head_dim, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal,
+        B=B, N=N, K=K, qk_dim=qk_dim, v_dim=v_dim, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal,
         window=window, scale=scale, logit_soft_cap=logit_soft_cap, segments=q_ids is not None,
         precision=matmul_precision(dtype), out_type=out_type, interpret=interpret,
     )
     out, lse = call(*operands)
-    return q_tiling.unpad(out, axis=1)[..., :H], q_tiling.unpad(lse, axis=2)
+    return q_tiling.unpad(out, axis=1)[..., :Hv], q_tiling.unpad(lse, axis=2)
 
 
 def attention_bwd(
@@ -75,20 +77,20 @@ def attention_bwd(
     q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
     interpret=False,
 ):
-    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
+    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv])`.
 
-    `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
-    `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None (then
-    `out` may be None when `delta` is given).
+    `out` and `d_out` are [B, T, N, Hv]. `lse` [B, N, T] is the log-sum-exp over every key the rows
+    saw (in a ring: all steps), and `delta` [B, N, T] = rowsum(d_out * out) of the final output;
+    computed here when None (then `out` may be None when `delta` is given).
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
     dtype = jnp.result_type(q, k, v)
     if delta is None:
         delta = jnp.einsum("BTNH,BTNH->BNT", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    head_dim = _padded_head_dim(H)
-    q, k, v = (pad_head(x.astype(dtype), head_dim) for x in (q, k, v))
-    d_out = pad_head(d_out.astype(dtype), head_dim)
+    qk_dim, v_dim = _padded_head_dim(H), _padded_head_dim(Hv)
+    q, k = (pad_head(x.astype(dtype), qk_dim) for x in (q, k))
+    v, d_out = (pad_head(x.astype(dtype), v_dim) for x in (v, d_out))
     lse, delta = lse.astype(jnp.float32), delta.astype(jnp.float32)
 
     q_tiling, kv_tiling = Tiling.make(T, block_q, MAX_TILE, MIN_TILE), Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
@@ -97,7 +99,7 @@ def attention_bwd(
     k, v = kv_tiling.pad(k), kv_tiling.pad(v)
     operands, out_type = typed_alike(q, k, v, d_out, lse, delta, q_ids, kv_ids, offsets_operand(q_offset, kv_offset))
     common = dict(
-        B=B, N=N, K=K, head_dim=head_dim, causal=causal, window=window, scale=scale,
+        B=B, N=N, K=K, qk_dim=qk_dim, v_dim=v_dim, causal=causal, window=window, scale=scale,
         logit_soft_cap=logit_soft_cap, segments=q_ids is not None, precision=matmul_precision(dtype), out_type=out_type,
         interpret=interpret,
     )
@@ -106,20 +108,20 @@ def attention_bwd(
     dq = _dq_call(q_tiling=q_tiling, kv_tiling=kv_tiling, **common)(*operands)
     dk, dv = _dkv_call(q_tiling=q_tiling, kv_tiling=kv_tiling, **common)(*operands)
     dq = q_tiling.unpad(dq, axis=1)[..., :H]
-    return dq, kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :H]
+    return dq, kv_tiling.unpad(dk, axis=1)[..., :H], kv_tiling.unpad(dv, axis=1)[..., :Hv]
 
 
 def _padded_head_dim(H):
     return max(MIN_TILE, 1 << (H - 1).bit_length())
 
 
-def _num_warps(head_dim):
-    return 4 if head_dim <= 64 else 8
+def _num_warps(qk_dim, v_dim):
+    return 4 if max(qk_dim, v_dim) <= 64 else 8
 
 
 def _fwd_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision,
+    out_type, interpret,
 ):
     tq, G = q_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
@@ -128,19 +130,19 @@ def _fwd_call(
         scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
     in_specs = [
-        pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0)),
-        pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, tq, None, qk_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, S_p, None, qk_dim), lambda i, b, n: (b, 0, n // G, 0)),
+        pl.BlockSpec((None, S_p, None, v_dim), lambda i, b, n: (b, 0, n // G, 0)),
         pl.BlockSpec((None, tq), lambda i, b, n: (b, i)) if segments else None,
         pl.BlockSpec((None, S_p), lambda i, b, n: (b, 0)) if segments else None,
         pl.BlockSpec((2,), lambda i, b, n: (0,)),
     ]
     out_specs = [
-        pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, tq, None, v_dim), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, tq), lambda i, b, n: (b, n, i)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
+        jax.ShapeDtypeStruct((B, T_p, N, v_dim), jnp.float32, manual_axis_type=out_type),
         jax.ShapeDtypeStruct((B, N, T_p), jnp.float32, manual_axis_type=out_type),
     ]
     return pl.pallas_call(
@@ -149,15 +151,15 @@ def _fwd_call(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(qk_dim, v_dim), num_stages=NUM_STAGES),
         interpret=interpret,
         name="ring_attn_fwd",
     )
 
 
 def _dq_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision,
+    out_type, interpret,
 ):
     tq, G = q_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
@@ -165,11 +167,13 @@ def _dq_call(
         _dq_kernel, q_tiling=q_tiling, kv_tiling=kv_tiling, causal=causal, window=window,
         scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
-    q_tile = pl.BlockSpec((None, tq, None, head_dim), lambda i, b, n: (b, i, n, 0))
-    kv_all = pl.BlockSpec((None, S_p, None, head_dim), lambda i, b, n: (b, 0, n // G, 0))
+    q_tile = pl.BlockSpec((None, tq, None, qk_dim), lambda i, b, n: (b, i, n, 0))
+    do_tile = pl.BlockSpec((None, tq, None, v_dim), lambda i, b, n: (b, i, n, 0))
+    k_all = pl.BlockSpec((None, S_p, None, qk_dim), lambda i, b, n: (b, 0, n // G, 0))
+    v_all = pl.BlockSpec((None, S_p, None, v_dim), lambda i, b, n: (b, 0, n // G, 0))
     row_tile = pl.BlockSpec((None, None, tq), lambda i, b, n: (b, n, i))
     in_specs = [
-        q_tile, kv_all, kv_all, q_tile, row_tile, row_tile,
+        q_tile, k_all, v_all, do_tile, row_tile, row_tile,
         pl.BlockSpec((None, tq), lambda i, b, n: (b, i)) if segments else None,
         pl.BlockSpec((None, S_p), lambda i, b, n: (b, 0)) if segments else None,
         pl.BlockSpec((2,), lambda i, b, n: (0,)),
@@ -179,16 +183,16 @@ def _dq_call(
         grid=(q_tiling.num_tiles, B, N),
         in_specs=in_specs,
         out_specs=q_tile,
-        out_shape=jax.ShapeDtypeStruct((B, T_p, N, head_dim), jnp.float32, manual_axis_type=out_type),
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        out_shape=jax.ShapeDtypeStruct((B, T_p, N, qk_dim), jnp.float32, manual_axis_type=out_type),
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(qk_dim, v_dim), num_stages=NUM_STAGES),
         interpret=interpret,
         name="ring_attn_bwd_dq",
     )
 
 
 def _dkv_call(
-    *, B, N, K, head_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision, out_type,
-    interpret,
+    *, B, N, K, qk_dim, v_dim, q_tiling, kv_tiling, causal, window, scale, logit_soft_cap, segments, precision,
+    out_type, interpret,
 ):
     tk, G = kv_tiling.tile, N // K
     S_p, T_p = kv_tiling.padded_length, q_tiling.padded_length
@@ -197,23 +201,27 @@ def _dkv_call(
         scale=scale, logit_soft_cap=logit_soft_cap, precision=precision,
     )
     # The whole query sequence of the G query heads that read key/value head `h`.
-    q_group = pl.BlockSpec((None, T_p, G, head_dim), lambda j, b, h: (b, 0, h, 0))
-    kv_tile = pl.BlockSpec((None, tk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    q_group = pl.BlockSpec((None, T_p, G, qk_dim), lambda j, b, h: (b, 0, h, 0))
+    do_group = pl.BlockSpec((None, T_p, G, v_dim), lambda j, b, h: (b, 0, h, 0))
+    k_tile = pl.BlockSpec((None, tk, None, qk_dim), lambda j, b, h: (b, j, h, 0))
+    v_tile = pl.BlockSpec((None, tk, None, v_dim), lambda j, b, h: (b, j, h, 0))
     row_group = pl.BlockSpec((None, G, T_p), lambda j, b, h: (b, h, 0))
     in_specs = [
-        q_group, kv_tile, kv_tile, q_group, row_group, row_group,
+        q_group, k_tile, v_tile, do_group, row_group, row_group,
         pl.BlockSpec((None, T_p), lambda j, b, h: (b, 0)) if segments else None,
         pl.BlockSpec((None, tk), lambda j, b, h: (b, j)) if segments else None,
         pl.BlockSpec((2,), lambda j, b, h: (0,)),
     ]
-    grad_shape = jax.ShapeDtypeStruct((B, S_p, K, head_dim), jnp.float32, manual_axis_type=out_type)
+    out_shape = [
+        jax.ShapeDtypeStruct((B, S_p, K, width), jnp.float32, manual_axis_type=out_type) for width in (qk_dim, v_dim)
+    ]
     return pl.pallas_call(
         kernel,
         grid=(kv_tiling.num_tiles, B, K),
         in_specs=in_specs,
-        out_specs=[kv_tile, kv_tile],
-        out_shape=[grad_shape, grad_shape],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(head_dim), num_stages=NUM_STAGES),
+        out_specs=[k_tile, v_tile],
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(qk_dim, v_dim), num_stages=NUM_STAGES),
         interpret=interpret,
         name="ring_attn_bwd_dkv",
     )
@@ -387,7 +395,7 @@ def _dkv_kernel(
 
         return lax.fori_loop(lo, hi, q_step, carry)
 
-    zeros = jnp.zeros(dk_ref.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    zeros = tuple(jnp.zeros(ref.shape, jnp.float32) for ref in (dk_ref, dv_ref))
+    dk, dv = lax.fori_loop(0, groups, head, zeros)
     dk_ref[...] = dk * scale
     dv_ref[...] = dv

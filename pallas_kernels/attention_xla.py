@@ -150,7 +150,9 @@ def attention_fwd(
     q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_offset=0,
     causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
 ):
-    """q: [B, T, N, H], k/v: [B, S, K, H] -> (out [B, T, N, H] f32, lse [B, N, T] f32).
+    """q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] -> (out [B, T, N, Hv] f32, lse [B, N, T] f32).
+
+    The value head dim Hv may differ from q and k's H (multi-head latent attention: 192 / 128).
 
     A query at global position i sees the key at j when causal allows (i >= j), the segment ids
     match, and within a `window`: 0 <= i - j < window (causal) or |i - j| < window.
@@ -193,7 +195,7 @@ def attention_fwd(
 
                 return masking.run_if_visible(q_info, kv_info, compute, lambda *c: c, *carry), None
 
-            acc = match_vma(jnp.zeros_like(q_i, jnp.float32), k, v)
+            acc = match_vma(jnp.zeros((*q_i.shape[:-1], v_h.shape[-1]), jnp.float32), q_i, k, v)  # [B, rows, Hv]
             l = acc[..., 0]
             m = l - jnp.inf
             (m, l, acc), _ = lax.scan(kv_step, (m, l, acc), (kT_h, v_h, masking.kv_tiles))
@@ -212,7 +214,7 @@ def attention_bwd(
     q, k, v, out, lse, d_out, *, delta=None, q_segment_ids=None, kv_segment_ids=None,
     q_offset=0, kv_offset=0, causal=False, window=None, scale, logit_soft_cap=None, block_q, block_kv,
 ):
-    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk, dv [B, S, K, H])`.
+    """Gradients of `attention_fwd`'s out: float32 `(dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, Hv])`.
 
     `lse` [B, N, T] is the log-sum-exp over every key the rows saw (in a ring: all steps), and
     `delta` [B, N, T] = rowsum(d_out * out) of the final output; computed here when None.
@@ -259,9 +261,10 @@ def attention_bwd(
 
                 return masking.run_if_visible(q_info, kv_info, compute, skip, *carry)
 
-            zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
+            dk_zeros = match_vma(jnp.zeros_like(k_j, jnp.float32), q, v, d_out, lse)
+            dv_zeros = match_vma(jnp.zeros_like(v_j, jnp.float32), q, k, d_out, lse)
             xs = (q_h, qT_h, do_h, doT_h, lse_h, delta_h, masking.q_tiles)
-            (dk_j, dv_j), dqT_parts = lax.scan(q_step, (zeros, zeros), xs)
+            (dk_j, dv_j), dqT_parts = lax.scan(q_step, (dk_zeros, dv_zeros), xs)
             return dqT + dqT_parts, (dk_j * scale, dv_j)
 
         dqT = match_vma(jnp.zeros_like(qT_h, jnp.float32), k, v, d_out, lse)

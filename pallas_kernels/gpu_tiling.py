@@ -94,6 +94,7 @@ class Tiling:
 
 
 def pad_head(x, head_dim):
+    """x zero-padded on its last axis to `head_dim` (q and k to theirs, v and d_out to theirs)."""
     if x.shape[-1] == head_dim:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])

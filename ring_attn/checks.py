@@ -12,26 +12,33 @@ from ring_attn.layout import LAYOUTS
 
 
 def check_qkv(q, k, v):
-    """q [B, T, N, H], k and v [B, S, K, H] of one floating dtype, K dividing N."""
+    """q [B, T, N, H], k [B, S, K, H] and v [B, S, K, Hv] of one floating dtype, K dividing N.
+
+    The value head dim Hv may differ from q and k's H (multi-head latent attention: 192 / 128)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise ValueError(f"{name} must be an array, got {type(x).__name__}")
         if x.ndim != 4:
-            expected = "[B, T, N, H]" if name == "q" else "[B, S, K, H]"
+            expected = {"q": "[B, T, N, H]", "k": "[B, S, K, H]", "v": "[B, S, K, Hv]"}[name]
             raise ValueError(f"{name} must have rank 4, {expected}, got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k [B, S, K, H] and v [B, S, K, Hv] must agree on B, S and K, "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     (B, _, N, H), (Bk, _, K, Hk) = q.shape, k.shape
     if B != Bk:
-        raise ValueError(f"q and k must have the same batch size, got q {B=} and k B={Bk}")
+        raise ValueError(f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if H != Hk:
-        raise ValueError(f"q and k must have the same head dim, got q {H=} and k H={Hk}")
+        raise ValueError(
+            f"q and k must have the same head dim (scores are q·k), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
     if N % K:
-        raise ValueError(f"k has {K=} heads, which must divide q's {N=}")
+        raise ValueError(f"k has {K=} heads, which must divide q's {N=}: q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def checked_scale(scale, H):

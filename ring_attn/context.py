@@ -89,7 +89,7 @@ def context_attention(
     if causal and T != S:
         raise ValueError(f"causal attention over sharded devices needs equal local lengths, got {T=} and {S=}")
     if strategy == "auto":
-        strategy = _auto(axes, q, k, hardware, causal=causal, layout=layout)
+        strategy = _auto(axes, q, k, v, hardware, causal=causal, layout=layout)
     sinks = checked_sinks(sinks, N, q)
     options = dict(causal=causal, window=window, scale=scale, logit_soft_cap=logit_soft_cap, sinks=sinks,
                    block_sizes=block_sizes, impl=impl)
@@ -122,7 +122,7 @@ def _axes(axis_name, strategy):
     return axes
 
 
-def _auto(axes, q, k, hardware, *, causal, layout):
+def _auto(axes, q, k, v, hardware, *, causal, layout):
     """The strategy the cost model predicts fastest among those this axis_name can run."""
     B, T, N, H = q.shape
     K = k.shape[2]
@@ -130,8 +130,8 @@ def _auto(axes, q, k, hardware, *, causal, layout):
     for a in axes:
         R *= lax.axis_size(a)
     choice = cost.choose_strategy(
-        hardware, seq_len=R * T, num_devices=R, num_heads=N, num_kv_heads=K, head_dim=H, batch=B,
-        dtype_bytes=jnp.dtype(q.dtype).itemsize, causal=causal, layout=layout,
+        hardware, seq_len=R * T, num_devices=R, num_heads=N, num_kv_heads=K, head_dim=H, head_dim_v=v.shape[-1],
+        batch=B, dtype_bytes=jnp.dtype(q.dtype).itemsize, causal=causal, layout=layout,
     )
     runnable = ("usp",) if len(axes) == 2 else ("ring", "all_gather", "ulysses")
     return min(runnable, key=lambda s: choice.costs[s])

@@ -1,12 +1,16 @@
 """The ring's cost model: FLOPs and bytes of attention, when compute hides the k/v transfer, and
 which context-parallel strategy a sequence-sharded axis should run.
 
-FLOPs follow the FlashAttention convention (matmuls only, 2 per multiply-add): the forward is
-4·B·N·T·S·H, halved when causal; the backward is 2.5x the forward. A ring step computes a
-[T] x [S] block while the next k/v shard (2·B·S·K·H elements) crosses one link, so the step
-hides its transfer when 4·T·S·N·H / F >= 2·S·K·H·bytes / W: the local shard must hold at least
-T = F / W · (K / N) · (bytes / 2) tokens, F/W for multi-head attention in bf16 (RingAttention,
-arXiv 2310.01889, section 3). Its Table 2 takes the local sequence as 6 such blocks.
+FLOPs follow the FlashAttention convention (matmuls only, 2 per multiply-add). q and k have head
+dim H, v and the output Hv (Hv = H but in multi-head latent attention): the forward is
+2·B·N·T·S·(H + Hv) (q·kᵀ over H, p·v over Hv), halved when causal; the backward is
+2·B·N·T·S·(3·H + 2·Hv) (q·kᵀ again, dq = ds·k and dk = dsᵀ·q over H; dp = d_out·vᵀ and
+dv = pᵀ·d_out over Hv), 2.5x the forward when Hv = H. A ring step computes a [T] x [S] block
+while the next k/v shard (B·S·K·(H + Hv) elements) crosses one link, so the step hides its
+transfer when 2·T·S·N·(H + Hv) / F >= S·K·(H + Hv)·bytes / W: the local shard must hold at least
+T = F / W · (K / N) · (bytes / 2) tokens whatever the head dims, F/W for multi-head attention in
+bf16 (RingAttention, arXiv 2310.01889, section 3). Its Table 2 takes the local sequence as 6 such
+blocks.
 
 `choose_strategy` prices one layer (forward + backward) on one device of R for four strategies:
 the ring (above), all-gather of K/V (Llama 3, arXiv 2407.21783, section 3.3.2), Ulysses
@@ -103,6 +107,20 @@ def _hardware(hardware):
     return HARDWARE[hardware]
 
 
+def _positive(name, value, integer=True):
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, got {name}={value!r}")
+
+
+def _value_head_dim(head_dim, head_dim_v):
+    """v's head dim: head_dim_v, checked, or head_dim when None."""
+    if head_dim_v is None:
+        return head_dim
+    _positive("head_dim_v", head_dim_v)
+    return head_dim_v
+
+
 # Tiles to start tuning from, by platform: (block_q, block_kv).
 STARTING_BLOCKS = {"gpu": (128, 64), "tpu": (512, 512), "cpu": (256, 256)}
 
@@ -110,34 +128,45 @@ STARTING_BLOCKS = {"gpu": (128, 64), "tpu": (512, 512), "cpu": (256, 256)}
 BLOCKS_PER_SHARD = 6
 
 
-def attention_flops(B, N, T, S, H, causal=False, *, backward=False):
-    """FLOPs of attention of T queries over S keys (forward, or backward = 2.5x forward)."""
-    forward = 4 * B * N * T * S * H
-    if causal:
-        forward //= 2
-    return int(forward * 2.5) if backward else forward
+def attention_flops(B, N, T, S, H, causal=False, *, head_dim_v=None, backward=False):
+    """FLOPs of attention of T queries over S keys, q and k of head dim H and v of head_dim_v
+    (None: H); forward, or backward (2.5x the forward when the head dims are equal)."""
+    Hv = _value_head_dim(H, head_dim_v)
+    # Counted from the matmul widths in integers: with Hv != H the backward is no round multiple of the forward.
+    flops = 2 * B * N * T * S * ((3 * H + 2 * Hv) if backward else (H + Hv))
+    return flops // 2 if causal else flops
 
 
-def attention_bytes(B, N, K, T, S, H, *, dtype_bytes=2, backward=False):
+def _backward_per_forward(H, Hv):
+    """The backward's FLOPs over the forward's (see `attention_flops`): 2.5 when Hv == H."""
+    return (3 * H + 2 * Hv) / (H + Hv)
+
+
+def attention_bytes(B, N, K, T, S, H, *, head_dim_v=None, dtype_bytes=2, backward=False):
     """Bytes a fused kernel must move to and from memory: each operand read once, each result
     written once. Forward: q, k, v in; out (input dtype) and float32 lse out. Backward: q, k, v,
-    out, d_out, lse and delta in; float32 dq, dk, dv out."""
-    q_elems, kv_elems, rows = B * T * N * H, B * S * K * H, B * N * T
+    out, d_out, lse and delta in; float32 dq, dk, dv out. v, out, d_out and dv have head dim
+    head_dim_v (None: H)."""
+    Hv = _value_head_dim(H, head_dim_v)
+    q_elems, out_elems, rows = B * T * N * H, B * T * N * Hv, B * N * T
+    k_elems, v_elems = B * S * K * H, B * S * K * Hv
     if not backward:
-        return dtype_bytes * (2 * q_elems + 2 * kv_elems) + 4 * rows
-    return dtype_bytes * (3 * q_elems + 2 * kv_elems) + 4 * 2 * rows + 4 * (q_elems + 2 * kv_elems)
+        return dtype_bytes * (q_elems + out_elems + k_elems + v_elems) + 4 * rows
+    return (dtype_bytes * (q_elems + 2 * out_elems + k_elems + v_elems) + 4 * 2 * rows
+            + 4 * (q_elems + k_elems + v_elems))
 
 
-def ring_step_bytes(B, S, K, H, *, dtype_bytes=2, backward=False):
-    """Bytes one ring step sends over one link: the k/v shard, and in the backward also the
-    float32 dk/dv accumulators travelling with it."""
-    kv = 2 * B * S * K * H
+def ring_step_bytes(B, S, K, H, *, head_dim_v=None, dtype_bytes=2, backward=False):
+    """Bytes one ring step sends over one link: the k shard (head dim H) and v shard (head_dim_v,
+    None: H), and in the backward also the float32 dk/dv accumulators travelling with them."""
+    kv = B * S * K * (H + _value_head_dim(H, head_dim_v))
     return kv * dtype_bytes + (kv * 4 if backward else 0)
 
 
 def min_block_size(flops_per_s, bytes_per_s, *, num_heads=1, num_kv_heads=1, dtype_bytes=2):
     """Shortest shard length T whose [T] x [T] forward step computes as long as its k/v take to
-    arrive: T = F / W · (K / N) · (bytes / 2)."""
+    arrive: T = F / W · (K / N) · (bytes / 2). The head dims cancel: the step's FLOPs and its k/v
+    bytes both scale with H + Hv."""
     return flops_per_s / bytes_per_s * (num_kv_heads / num_heads) * (dtype_bytes / 2)
 
 
@@ -168,24 +197,25 @@ class RingAdvice:
         )
 
 
-def ring_advice(hardware, *, shard_length, num_heads, num_kv_heads, head_dim, batch=1, dtype_bytes=2,
-                platform="gpu", causal=False, backward=False):
+def ring_advice(hardware, *, shard_length, num_heads, num_kv_heads, head_dim, head_dim_v=None, batch=1,
+                dtype_bytes=2, platform="gpu", causal=False, backward=False):
     """Whether a ring of `hardware` devices with local shards of `shard_length` tokens hides its
-    k/v transfer behind compute, with block sizes to start tuning from.
+    k/v transfer behind compute, with block sizes to start tuning from. head_dim is q and k's,
+    head_dim_v v's (None: head_dim).
 
-    Causal work per step averages half a shard (zigzag layout); `backward` adds the 2.5x compute
-    and the dk/dv accumulators on the link.
+    Causal work per step averages half a shard (zigzag layout); `backward` adds its compute
+    (2.5x with equal head dims) and the dk/dv accumulators on the link.
     """
     hardware = _hardware(hardware)
     if platform not in STARTING_BLOCKS:
         raise ValueError(f"unknown {platform=}; expected one of {sorted(STARTING_BLOCKS)}")
     T = shard_length
-    flops = attention_flops(batch, num_heads, T, T, head_dim, causal, backward=backward)
+    flops = attention_flops(batch, num_heads, T, T, head_dim, causal, head_dim_v=head_dim_v, backward=backward)
     compute_s = flops / hardware.flops_per_s
-    transfer_s = (
-        ring_step_bytes(batch, T, num_kv_heads, head_dim, dtype_bytes=dtype_bytes, backward=backward)
-        / hardware.bytes_per_s
+    step_bytes = ring_step_bytes(
+        batch, T, num_kv_heads, head_dim, head_dim_v=head_dim_v, dtype_bytes=dtype_bytes, backward=backward
     )
+    transfer_s = step_bytes / hardware.bytes_per_s
     needed = min_block_size(
         hardware.flops_per_s, hardware.bytes_per_s, num_heads=num_heads, num_kv_heads=num_kv_heads,
         dtype_bytes=dtype_bytes,
@@ -237,7 +267,7 @@ def _pipelined(transfer_s, compute_s, chunks):
     return transfer + (chunks - 1) * max(0.0, transfer - compute)
 
 
-def _ring(hw, *, B, N, K, T, R, H, dtype_bytes, causal, layout):
+def _ring(hw, *, B, N, K, T, R, H, Hv, dtype_bytes, causal, layout):
     """R steps forward and R backward; each step's compute overlaps the send of the next shard
     over one link direction (the backward's also carries the float32 dk/dv accumulators, which go
     home in one more send at the end). Every step but the first merges in float32 in memory.
@@ -245,49 +275,49 @@ def _ring(hw, *, B, N, K, T, R, H, dtype_bytes, causal, layout):
     Causal: zigzag gives every step half a block; contiguous leaves the last device a causal
     diagonal and R-1 whole blocks, and the ring goes at its pace."""
     F = hw.flops_per_s
-    diagonal = attention_flops(B, N, T, T, H, causal)
-    later = attention_flops(B, N, T, T, H, causal and layout == "zigzag")
+    diagonal = attention_flops(B, N, T, T, H, causal, head_dim_v=Hv)
+    later = attention_flops(B, N, T, T, H, causal and layout == "zigzag", head_dim_v=Hv)
     steps_f = [diagonal] + [later] * (R - 1)
     compute_f = [f / F for f in steps_f]
-    compute_b = [2.5 * c for c in compute_f]
+    compute_b = [_backward_per_forward(H, Hv) * c for c in compute_f]
     compute = sum(compute_f) + sum(compute_b)
     if R == 1:
         return StrategyCost(compute, 0.0, 0.0)
-    send_f = ring_step_bytes(B, T, K, H, dtype_bytes=dtype_bytes) / hw.bytes_per_s
-    send_b = ring_step_bytes(B, T, K, H, dtype_bytes=dtype_bytes, backward=True) / hw.bytes_per_s
-    home = 2 * B * T * K * H * FLOAT32 / hw.bytes_per_s
+    send_f = ring_step_bytes(B, T, K, H, head_dim_v=Hv, dtype_bytes=dtype_bytes) / hw.bytes_per_s
+    send_b = ring_step_bytes(B, T, K, H, head_dim_v=Hv, dtype_bytes=dtype_bytes, backward=True) / hw.bytes_per_s
+    home = B * T * K * (H + Hv) * FLOAT32 / hw.bytes_per_s
     # The shard for step s + 1 travels during step s, so steps 0 .. R-2 each hide one send.
     waits = sum(max(0.0, send_f - c) for c in compute_f[:-1]) + sum(max(0.0, send_b - c) for c in compute_b[:-1])
     # Forward: read the running (out, lse), read the step's, write the merged one. Backward: the
     # same for the dq and dk/dv accumulators.
-    merge_bytes = 3 * FLOAT32 * B * T * (N * (H + 1) + (N + 2 * K) * H)
+    merge_bytes = 3 * FLOAT32 * B * T * (N * (Hv + 1) + (N + K) * H + K * Hv)
     overhead = (R - 1) * merge_bytes / hw.hbm_bytes_per_s + (2 * R - 1) * hw.step_latency_s
     return StrategyCost(compute, (R - 1) * (send_f + send_b) + home, waits + home + overhead)
 
 
-def _all_gather(hw, *, B, N, K, T, R, H, dtype_bytes, causal, layout, memory_bytes):
+def _all_gather(hw, *, B, N, K, T, R, H, Hv, dtype_bytes, causal, layout, memory_bytes):
     """All-gather k and v (each device receives (R-1)/R of the sequence's K/V), attend the local
     queries to all of it; the backward gathers again and reduce-scatters float32 dk, dv. The
     whole sequence's K/V and dK/dV must fit in memory at once."""
     S = T * R
-    need = 2 * B * S * K * H * (dtype_bytes + FLOAT32)
+    need = B * S * K * (H + Hv) * (dtype_bytes + FLOAT32)
     if need > memory_bytes:
         return _cannot(
             f"the whole sequence's K/V and float32 dK/dV take {need / 1e9:.1f} GB > "
             f"memory_bytes={memory_bytes / 1e9:.1f} GB"
         )
-    full = attention_flops(B, N, T, S, H)
+    full = attention_flops(B, N, T, S, H, head_dim_v=Hv)
     if not causal:
         flops = full
     elif layout == "zigzag":
-        flops = attention_flops(B, N, T, S, H, causal=True)
+        flops = attention_flops(B, N, T, S, H, causal=True, head_dim_v=Hv)
     else:  # the last device's queries see the whole sequence bar half their own shard
         flops = full * (S - T / 2) / S
     compute_f = flops / hw.flops_per_s
-    compute_b = 2.5 * compute_f
+    compute_b = _backward_per_forward(H, Hv) * compute_f
     if R == 1:
         return StrategyCost(compute_f + compute_b, 0.0, 0.0)
-    kv = 2 * B * S * K * H * (R - 1) / R
+    kv = B * S * K * (H + Hv) * (R - 1) / R
     gather = kv * dtype_bytes / hw.collective_bytes_per_s
     scatter = kv * FLOAT32 / hw.collective_bytes_per_s
     n = ALL_GATHER_CHUNKS
@@ -299,16 +329,17 @@ def _ulysses_fits(N, K, u):
     return N % u == 0 and (K % u == 0 or u % K == 0)
 
 
-def _all_to_alls(hw, *, B, N, K, T, u, H, dtype_bytes):
+def _all_to_alls(hw, *, B, N, K, T, u, H, Hv, dtype_bytes):
     """Seconds of Ulysses' all-to-alls over u devices, forward (q, k, v in, out back) and backward
     (d_out in, dq, dk, dv back): each device keeps 1/u of its shard and sends the rest. With fewer
-    kv heads than devices (u % K == 0) each kv head goes to u/K devices, so K/V move as u heads."""
+    kv heads than devices (u % K == 0) each kv head goes to u/K devices, so K/V move as u heads.
+    q, k, dq, dk have head dim H; v, out, d_out, dv have Hv."""
     kv_heads = max(K, u)
-    elems = 2 * B * T * H * (2 * N + 2 * kv_heads)
+    elems = 2 * B * T * (N + kv_heads) * (H + Hv)
     return elems * dtype_bytes * (u - 1) / u / hw.collective_bytes_per_s
 
 
-def _ulysses(hw, *, B, N, K, T, R, H, dtype_bytes, causal):
+def _ulysses(hw, *, B, N, K, T, R, H, Hv, dtype_bytes, causal):
     """All-to-alls turn sequence shards into head shards; each device attends N/R heads over the
     whole sequence (balanced whatever the layout); nothing overlaps the all-to-alls."""
     if not _ulysses_fits(N, K, R):
@@ -317,15 +348,16 @@ def _ulysses(hw, *, B, N, K, T, R, H, dtype_bytes, causal):
             f"== 0, got num_heads={N}, num_kv_heads={K}"
         )
     S = T * R
-    forward = attention_flops(B, N // R, S, S, H, causal)
-    compute = (forward + attention_flops(B, N // R, S, S, H, causal, backward=True)) / hw.flops_per_s
+    forward = attention_flops(B, N // R, S, S, H, causal, head_dim_v=Hv)
+    backward = attention_flops(B, N // R, S, S, H, causal, head_dim_v=Hv, backward=True)
+    compute = (forward + backward) / hw.flops_per_s
     if R == 1:
         return StrategyCost(compute, 0.0, 0.0)
-    a2a = _all_to_alls(hw, B=B, N=N, K=K, T=T, u=R, H=H, dtype_bytes=dtype_bytes)
+    a2a = _all_to_alls(hw, B=B, N=N, K=K, T=T, u=R, H=H, Hv=Hv, dtype_bytes=dtype_bytes)
     return StrategyCost(compute, a2a, a2a + 4 * hw.step_latency_s)
 
 
-def _usp(hw, *, B, N, K, T, R, H, dtype_bytes, causal, layout):
+def _usp(hw, *, B, N, K, T, R, H, Hv, dtype_bytes, causal, layout):
     """Ulysses over u devices, then a ring of r = R/u over the u-times longer shards of N/u heads;
     the cheapest split with 1 < u < R whose u satisfies Ulysses' head rules, as (cost, (r, u))."""
     best, split = None, None
@@ -333,9 +365,9 @@ def _usp(hw, *, B, N, K, T, R, H, dtype_bytes, causal, layout):
         if R % u or not _ulysses_fits(N, K, u):
             continue
         r = R // u
-        a2a = _all_to_alls(hw, B=B, N=N, K=K, T=T, u=u, H=H, dtype_bytes=dtype_bytes)
+        a2a = _all_to_alls(hw, B=B, N=N, K=K, T=T, u=u, H=H, Hv=Hv, dtype_bytes=dtype_bytes)
         ring = _ring(
-            hw, B=B, N=N // u, K=max(K, u) // u, T=T * u, R=r, H=H, dtype_bytes=dtype_bytes, causal=causal,
+            hw, B=B, N=N // u, K=max(K, u) // u, T=T * u, R=r, H=H, Hv=Hv, dtype_bytes=dtype_bytes, causal=causal,
             layout=layout,
         )
         cost = StrategyCost(ring.compute_s, a2a + ring.communication_s, a2a + 4 * hw.step_latency_s + ring.exposed_s)
@@ -374,17 +406,12 @@ def _time(seconds):
     return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
-def _positive(name, value, integer=True):
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, got {name}={value!r}")
-
-
-def choose_strategy(hardware, *, seq_len, num_devices, num_heads, num_kv_heads, head_dim, batch=1, dtype_bytes=2,
-                    causal=True, memory_bytes=None, layout="zigzag"):
+def choose_strategy(hardware, *, seq_len, num_devices, num_heads, num_kv_heads, head_dim, head_dim_v=None, batch=1,
+                    dtype_bytes=2, causal=True, memory_bytes=None, layout="zigzag"):
     """Which context-parallel strategy runs a layer's attention fastest over `num_devices` devices
     of `hardware` (a `Hardware`, a `HARDWARE` key, or None for `default_hardware()`), each holding
-    seq_len / num_devices tokens (padded up), forward + backward.
+    seq_len / num_devices tokens (padded up), forward + backward. head_dim is q and k's head dim,
+    head_dim_v v's and the output's (None: head_dim).
 
     Every strategy does the same FLOPs in all (1/R each, where the layout balances them); they
     differ in what they send and how much of it compute hides (see `StrategyCost`):
@@ -411,7 +438,8 @@ def choose_strategy(hardware, *, seq_len, num_devices, num_heads, num_kv_heads, 
         raise ValueError(f"unknown {layout=}; expected one of {LAYOUTS}")
     R, N, K, H = num_devices, num_heads, num_kv_heads, head_dim
     T = -(-seq_len // R)
-    shape = dict(B=batch, N=N, K=K, T=T, R=R, H=H, dtype_bytes=dtype_bytes, causal=causal)
+    shape = dict(B=batch, N=N, K=K, T=T, R=R, H=H, Hv=_value_head_dim(H, head_dim_v), dtype_bytes=dtype_bytes,
+                 causal=causal)
     usp, usp_split = _usp(hw, **shape, layout=layout)
     breakdown = {
         "ring": _ring(hw, **shape, layout=layout),

@@ -3,8 +3,9 @@
 The cache stays where prefill left it: device i holds a shard of C slots in the training layout
 ("contiguous" or "zigzag", see `ring_attn.layout`), so no reshuffle is needed. The few new query
 tokens are replicated; each device attends them to its own shard, and the float32 partials
-`(out, lse)` are merged exactly with one collective. Only O(R * B * n * N * H) values move, never
-the cache.
+`(out, lse)` are merged exactly with one collective. Only O(R * B * n * N * Hv) values move, never
+the cache. Values may be narrower or wider than queries and keys (Hv != H, as in multi-head latent
+attention).
 """
 
 from collections.abc import Hashable
@@ -62,12 +63,18 @@ def _check_array(name, x, rank, dims):
         raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
-def _check_pair(k_name, k, v_name, v, dims):
-    """Keys and values: each a rank-4 float array, both of one shape."""
-    _check_array(k_name, k, 4, dims)
-    _check_array(v_name, v, 4, dims)
-    if k.shape != v.shape:
-        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {k.shape} and {v.shape}")
+def _check_pair(k_name, k, v_name, v, leading):
+    """Keys [*leading, H] and values [*leading, Hv]: each a rank-4 float array, agreeing on the
+    `leading` dims (shape letters, e.g. "BCK"); the head dims may differ."""
+    k_shape, v_shape = (f"[{', '.join(leading)}, {head}]" for head in ("H", "Hv"))
+    _check_array(k_name, k, 4, k_shape)
+    _check_array(v_name, v, 4, v_shape)
+    if k.shape[:-1] != v.shape[:-1]:
+        shared = f"{', '.join(leading[:-1])} and {leading[-1]}"
+        raise ValueError(
+            f"{k_name} {k_shape} and {v_name} {v_shape} must agree on {shared}, "
+            f"got {k_name} {tuple(k.shape)} and {v_name} {tuple(v.shape)}"
+        )
 
 
 def _per_row(name, value, B, low=None, high=None):
@@ -94,8 +101,9 @@ def ring_decode(
 
     Args:
       q: [B, n, N, H], the new query tokens, replicated over the ring axis.
-      k_cache, v_cache: [B, C, K, H], this device's shard of the global cache of length R * C
-        (R the ring size), placed as `layout` says; K must divide N (grouped-query attention).
+      k_cache: [B, C, K, H], v_cache: [B, C, K, Hv], this device's shard of the global cache of
+        length R * C (R the ring size), placed as `layout` says; K must divide N (grouped-query
+        attention). Hv may differ from H.
       axis_name: the `shard_map` mesh axis the cache is sharded over; None: one device.
       kv_length: int or int array [B]: valid cache positions per batch row, including the n new
         tokens already written (see `ring_cache_update`); at most R * C. Query j sits at global
@@ -105,13 +113,13 @@ def ring_decode(
       logit_soft_cap, sinks: as for `ring_attn.ring_attention` (sinks [N], replicated).
 
     Returns:
-      [B, n, N, H] in q's dtype, accumulated in float32. A query that sees no key returns 0.
+      [B, n, N, Hv] in q's dtype, accumulated in float32. A query that sees no key returns 0.
     """
     _check_array("q", q, 4, "[B, n, N, H]")
-    _check_pair("k_cache", k_cache, "v_cache", v_cache, "[B, C, K, H]")
+    _check_pair("k_cache", k_cache, "v_cache", v_cache, "BCK")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
-    (B, n, N, H), (Bc, C, K, Hc) = q.shape, k_cache.shape
+    (B, n, N, H), (Bc, C, K, Hc), Hv = q.shape, k_cache.shape, v_cache.shape[-1]
     if (B, H) != (Bc, Hc):
         raise ValueError(f"q [B, n, N, H] = {q.shape} and k_cache [B, C, K, H] = {k_cache.shape} must agree on B and H")
     if N % K:
@@ -136,13 +144,13 @@ def ring_decode(
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    acc = jnp.einsum("BKGnC,BCKH->BKGnH", p.astype(v_cache.dtype), v_cache, precision=precision,
+    acc = jnp.einsum("BKGnC,BCKV->BKGnV", p.astype(v_cache.dtype), v_cache, precision=precision,
                      preferred_element_type=jnp.float32)
     seen = jnp.any(visible, axis=-1, keepdims=True)  # [B, 1, 1, n, 1]
     # A row with nothing visible here weighs m - m = 0 for all masked slots: force out 0, lse -inf.
     out = jnp.where(seen, acc / l, 0.0)
     lse = jnp.where(seen, m + jnp.log(l), -jnp.inf)
-    partial = jnp.concatenate([out, lse], axis=-1)  # [B, K, G, n, H + 1]: one buffer, one collective
+    partial = jnp.concatenate([out, lse], axis=-1)  # [B, K, G, n, Hv + 1]: one buffer, one collective
 
     if axis_name is not None:
         # Gather every device's partial with ONE psum of a one-hot slot per device. all_gather would
@@ -152,7 +160,7 @@ def ring_decode(
         partials = lax.psum(lax.dynamic_update_index_in_dim(slots, partial, index, 0), axis_name)
     else:
         partials = partial[None]
-    outs, lses = partials[..., :H], partials[..., H:]
+    outs, lses = partials[..., :Hv], partials[..., Hv:]
     # Exact logsumexp merge; if no device saw a key, every weight is exp(-inf) = 0 and out is 0.
     if sinks is not None:  # one more partial per head: lse the sink, no value
         sink_lse = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, N // K, 1, 1), lses.shape[1:])
@@ -161,8 +169,8 @@ def ring_decode(
     top = jnp.max(lses, axis=0)
     weights = jnp.exp(lses - jnp.where(jnp.isneginf(top), 0.0, top))
     total = jnp.sum(weights, axis=0)
-    out = jnp.sum(weights * outs, axis=0) / jnp.where(total > 0, total, 1.0)  # [B, K, G, n, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, n, N, H).astype(q.dtype)
+    out = jnp.sum(weights * outs, axis=0) / jnp.where(total > 0, total, 1.0)  # [B, K, G, n, Hv]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, n, N, Hv).astype(q.dtype)
 
 
 def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | None, position, layout="contiguous"):
@@ -171,8 +179,10 @@ def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | N
     Call inside `jax.shard_map`. Each device writes only the positions it holds; no collective.
 
     Args:
-      k_cache, v_cache: [B, C, K, H], this device's shard of the global cache (see `ring_decode`).
-      k_new, v_new: [B, n, K, H], the new keys and values, replicated over the ring axis.
+      k_cache: [B, C, K, H], v_cache: [B, C, K, Hv], this device's shard of the global cache (see
+        `ring_decode`).
+      k_new: [B, n, K, H], v_new: [B, n, K, Hv], the new keys and values, replicated over the ring
+        axis.
       axis_name: the mesh axis the cache is sharded over; None: one device.
       position: int or int array [B]: the global position of the first new token, per batch row.
         Tokens that fall outside [0, R * C) are dropped.
@@ -181,13 +191,16 @@ def ring_cache_update(k_cache, v_cache, k_new, v_new, *, axis_name: Hashable | N
     Returns:
       The updated (k_cache, v_cache), in the caches' dtype.
     """
-    _check_pair("k_cache", k_cache, "v_cache", v_cache, "[B, C, K, H]")
-    _check_pair("k_new", k_new, "v_new", v_new, "[B, n, K, H]")
-    (B, C, K, H), n = k_cache.shape, k_new.shape[1]
-    if (k_new.shape[0],) + k_new.shape[2:] != (B, K, H):
-        raise ValueError(
-            f"k_new [B, n, K, H] = {k_new.shape} must match k_cache [B, C, K, H] = {k_cache.shape} on B, K, H"
-        )
+    _check_pair("k_cache", k_cache, "v_cache", v_cache, "BCK")
+    _check_pair("k_new", k_new, "v_new", v_new, "BnK")
+    (B, C, K, _), n = k_cache.shape, k_new.shape[1]
+    for new_name, new, cache_name, cache, head in (("k_new", k_new, "k_cache", k_cache, "H"),
+                                                   ("v_new", v_new, "v_cache", v_cache, "Hv")):
+        if (new.shape[0],) + new.shape[2:] != (B, K, cache.shape[-1]):
+            raise ValueError(
+                f"{new_name} [B, n, K, {head}] = {new.shape} must match {cache_name} [B, C, K, {head}] = "
+                f"{cache.shape} on B, K, {head}"
+            )
     _check_layout(layout, C)
     ring_size, index = ring_position(axis_name, "ring_cache_update")
     position = _per_row("position", position, B)

@@ -47,7 +47,9 @@ def dot_product_attention(
 
     Args:
       query: [B, T, N, H] or [T, N, H], global (not a shard).
-      key, value: [B, S, K, H] or [S, K, H]; K divides N (grouped-query attention).
+      key: [B, S, K, H] or [S, K, H]; K divides N (grouped-query attention).
+      value: [B, S, K, Hv] or [S, K, Hv]; Hv may differ from H (multi-head latent attention,
+        which jax.nn does not take).
       bias, mask: not supported (NotImplementedError): express a mask as `is_causal`,
         `local_window_size` or sequence lengths.
       scale: score scale; None: 1 / sqrt(H).
@@ -66,8 +68,8 @@ def dot_product_attention(
         None: no ring, flash attention on the arrays as they are.
 
     Returns:
-      query's shape and dtype. A query row that sees no key returns 0 (jax.nn returns the mean
-      of the values there, an artefact of its finite mask).
+      query's shape with value's head dim, query's dtype. A query row that sees no key returns 0
+      (jax.nn returns the mean of the values there, an artefact of its finite mask).
     """
     for name, given in (("bias", bias), ("mask", mask)):
         if given is not None:

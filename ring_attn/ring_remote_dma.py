@@ -3,12 +3,13 @@
 `ring_attention` moves k/v round the ring with `lax.ppermute` between kernel calls and leaves the
 overlap to XLA. Here each ring step is one `pallas_call` (`attention_tpu.attention_fwd_ring_step`)
 that starts the remote copy of the k/v shard it holds (and the kv segment ids) into the next
-device's receive buffers, computes the flash-attention partial `(out, lse)` of the local queries
-against that shard while the copy flies, and waits for its outgoing and incoming copies before it
-returns. The held shard and the receive buffers are distinct arrays (double buffering), and each
-call begins with a barrier-semaphore handshake with its neighbours, so no device writes into a
-buffer before its owner has entered the call that owns it. The last step sends nothing. Partials
-merge in float32 exactly as in `ring.merge`.
+device's receive buffers (one per array, each of that array's shape: v may be narrower or wider
+than k, as in DeepSeek's MLA), computes the flash-attention partial `(out, lse)` of the local
+queries against that shard while the copy flies, and waits for its outgoing and incoming copies
+before it returns. The held shard and the receive buffers are distinct arrays (double buffering),
+and each call begins with a barrier-semaphore handshake with its neighbours, so no device writes
+into a buffer before its owner has entered the call that owns it. The last step sends nothing.
+Partials merge in float32 exactly as in `ring.merge`.
 
 Causal (contiguous layout): every step runs the kernel with global positions; a step whose shard
 lies wholly in the future has every tile skipped inside the kernel (no compute, no k/v tile
@@ -69,7 +70,8 @@ def ring_attention_remote_dma(
 
     Args:
       q: [B, T, N, H], the local query shard.
-      k, v: [B, S, K, H], the local key/value shard; K must divide N.
+      k, v: k [B, S, K, H], v [B, S, K, Hv], the local key/value shard; K must divide N, and Hv
+        may differ from H (MLA).
       axis_name: the mesh axis the sequence is sharded over (contiguously); None: one device.
       causal, segment_ids, scale, block_sizes, logit_soft_cap, sinks: as for `ring_attn.ring_attention`.
       layout: only "contiguous"; "zigzag" raises NotImplementedError.
@@ -80,7 +82,7 @@ def ring_attention_remote_dma(
         the defaults).
 
     Returns:
-      [B, T, N, H] in q's dtype. Differentiable; the backward is the ppermute ring's.
+      [B, T, N, Hv] in q's dtype. Differentiable; the backward is the ppermute ring's.
     """
     check_qkv(q, k, v)
     B, T, N, H = q.shape
@@ -143,11 +145,11 @@ class _Spec:
 
 
 def _forward(spec, q, k, v, q_seg, kv_seg):
-    """float32 (out [B, T, N, H], lse [B, N, T]) over the whole ring."""
+    """float32 (out [B, T, N, Hv], lse [B, N, T]) over the whole ring."""
     rs = spec.ring
     ring_size, rank = ring_position(rs.axis_name)
-    B, T, N, H = q.shape
-    S = k.shape[1]
+    B, T, N, _ = q.shape
+    S, Hv = k.shape[1], v.shape[3]
     masking = dict(
         q_segment_ids=q_seg, q_offset=rank * T, causal=rs.causal, scale=rs.scale, logit_soft_cap=rs.logit_soft_cap,
         block_q=rs.block_sizes.block_q, block_kv=rs.block_sizes.block_kv, interpret=spec.interpret,
@@ -163,7 +165,7 @@ def _forward(spec, q, k, v, q_seg, kv_seg):
 
     # The empty partial (out 0, lse -inf) merges exactly: the first step's result is unchanged.
     like = (q, k, v)
-    out = pallas_kernels.match_vma(jnp.zeros((B, T, N, H), jnp.float32), *like)
+    out = pallas_kernels.match_vma(jnp.zeros((B, T, N, Hv), jnp.float32), *like)
     lse = pallas_kernels.match_vma(jnp.full((B, N, T), -jnp.inf, jnp.float32), *like)
     kv = (k, v, kv_seg)
     if ring_size > 1:

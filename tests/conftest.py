@@ -57,13 +57,15 @@ def ring_mesh(ring_size, axis_name="sp"):
     return Mesh(np.array(jax.devices()[:ring_size]), (axis_name,))
 
 
-def random_qkv(seed, B, T, N, K, H, S=None, dtype=jnp.float32):
+def random_qkv(seed, B, T, N, K, H, S=None, dtype=jnp.float32, Hv=None):
+    """Random q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] and d_out [B, T, N, Hv] (Hv: H when None)."""
     rng = np.random.default_rng(seed)
     S = T if S is None else S
+    Hv = H if Hv is None else Hv
     q = rng.standard_normal((B, T, N, H))
     k = rng.standard_normal((B, S, K, H))
-    v = rng.standard_normal((B, S, K, H))
-    d_out = rng.standard_normal((B, T, N, H))
+    v = rng.standard_normal((B, S, K, Hv))
+    d_out = rng.standard_normal((B, T, N, Hv))
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v, d_out))
 
 

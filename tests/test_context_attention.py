@@ -77,6 +77,18 @@ def test_bidirectional_mha_matches_oracle(strategy, mesh_shape):
 
 
 @pytest.mark.parametrize("strategy,mesh_shape", SETUPS)
+def test_mla_values_of_their_own_width(strategy, mesh_shape):
+    # q/k 48, v 32 (MLA's shape, smaller), causal zigzag with segments and GQA 8:2: every strategy
+    # moves v by its own width (the all-gather, the all-to-alls, the ring).
+    L, N, K = 64, 8, 2
+    q, k, v, d_out = random_qkv(12, 1, L, N, K, 48, Hv=32)
+    ids = random_segments(13, 1, L, 3)
+    fn = sharded(strategy, mesh_shape, "zigzag", causal=True)
+    assert_matches_oracle(lambda q, k, v: fn(q, k, v, ids), q, k, v, d_out, causal=True, q_segment_ids=ids,
+                          kv_segment_ids=ids)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape", SETUPS)
 def test_soft_cap_and_sinks_match_oracle(strategy, mesh_shape):
     # Ulysses gives each device the sinks of its own heads; the sinks' gradient, every device's
     # share summed, against the oracle's.

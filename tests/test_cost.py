@@ -1,6 +1,7 @@
 """The cost model: FLOP counts against the reference's own cost, and RingAttention's Table 2."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,47 @@ def test_flops_match_the_reference_cost_estimate():
     assert matmul_flops <= estimate.flops <= matmul_flops + 8 * B * N * T * S
     assert cost.attention_flops(B, N, T, S, H, causal=True) * 2 == matmul_flops
     assert cost.attention_flops(B, N, T, S, H, backward=True) == 2.5 * matmul_flops
+
+
+def test_equal_value_head_dim_keeps_the_old_formulas():
+    B, N, K, T, S, H = 2, 16, 4, 1024, 3072, 192
+    X = B * N * T * S * H
+    q, kv, rows = B * T * N * H, B * S * K * H, B * N * T
+    for head_dim_v in (None, H):
+        flops = functools.partial(cost.attention_flops, B, N, T, S, H, head_dim_v=head_dim_v)
+        assert (flops(), flops(True), flops(backward=True), flops(True, backward=True)) == (4 * X, 2 * X, 10 * X, 5 * X)
+        for dtype_bytes in (2, 4):
+            io = functools.partial(cost.attention_bytes, B, N, K, T, S, H, head_dim_v=head_dim_v,
+                                   dtype_bytes=dtype_bytes)
+            assert io() == dtype_bytes * (2 * q + 2 * kv) + 4 * rows
+            assert io(backward=True) == dtype_bytes * (3 * q + 2 * kv) + 8 * rows + 4 * (q + 2 * kv)
+            step = functools.partial(cost.ring_step_bytes, B, S, K, H, head_dim_v=head_dim_v, dtype_bytes=dtype_bytes)
+            assert (step(), step(backward=True)) == (2 * kv * dtype_bytes, 2 * kv * (dtype_bytes + 4))
+
+
+def test_narrower_values_save_their_matmul_width_and_link_bytes():
+    # DeepSeek-V3's MLA: q and k 192 wide, v 128. The forward's p·v and the backward's dp and dv
+    # matmuls are Hv wide; a ring step sends Hv fewer values per token and kv head.
+    B, N, K, T, S, H, Hv = 2, 16, 4, 1024, 3072, 192, 128
+    per_width = 2 * B * N * T * S  # FLOPs of one T x S matmul per unit of contracted width
+    for causal, share in ((False, 1), (True, 2)):
+        full = functools.partial(cost.attention_flops, B, N, T, S, H, causal)
+        mla = functools.partial(cost.attention_flops, B, N, T, S, H, causal, head_dim_v=Hv)
+        assert full() - mla() == per_width * (H - Hv) // share
+        assert full(backward=True) - mla(backward=True) == 2 * per_width * (H - Hv) // share
+    shard = B * S * K * (H - Hv)  # v values no longer sent
+    full = functools.partial(cost.ring_step_bytes, B, S, K, H)
+    mla = functools.partial(cost.ring_step_bytes, B, S, K, H, head_dim_v=Hv)
+    assert full() - mla() == 2 * shard
+    assert full(backward=True) - mla(backward=True) == (2 + 4) * shard
+    assert full(dtype_bytes=4) - mla(dtype_bytes=4) == 4 * shard
+    # ring_advice sends and computes the same counts.
+    advice = cost.ring_advice("h100-nvlink", shard_length=T, num_heads=N, num_kv_heads=K, head_dim=H, head_dim_v=Hv,
+                              batch=B, backward=True)
+    assert advice.step_transfer_s == B * T * K * (H + Hv) * (2 + 4) / 450e9
+    assert advice.step_compute_s == 2 * B * N * T * T * (3 * H + 2 * Hv) / 989e12
+    with pytest.raises(ValueError, match="head_dim_v.*head_dim_v=0"):
+        cost.attention_flops(B, N, T, S, H, head_dim_v=0)
 
 
 def test_gqa_and_dtype_scale_the_minimal_block():
@@ -109,11 +151,14 @@ def test_a_long_shard_on_a_fast_link_hides_the_ring_and_cannot_gather_the_sequen
     assert roomy.costs["all_gather"] < float("inf")
 
 
-def test_balanced_strategies_share_the_compute():
-    choice = cost.choose_strategy("h100-nvlink", seq_len=16384, num_devices=4, num_heads=8, num_kv_heads=2,
-                                  head_dim=64)
-    whole = cost.attention_flops(1, 8, 16384, 16384, 64, True)
-    expected = (whole + cost.attention_flops(1, 8, 16384, 16384, 64, True, backward=True)) / 4 / 989e12
+@pytest.mark.parametrize("head_dim_v", [None, 32, 128])
+def test_balanced_strategies_share_the_compute(head_dim_v):
+    N, L, H = 8, 16384, 64
+    Hv = H if head_dim_v is None else head_dim_v
+    choice = cost.choose_strategy("h100-nvlink", seq_len=L, num_devices=4, num_heads=N, num_kv_heads=2, head_dim=H,
+                                  head_dim_v=head_dim_v)
+    # Causal halves the forward's 2·N·L·L·(H + Hv) and the backward's 2·N·L·L·(3H + 2Hv).
+    expected = N * L * L * ((H + Hv) + (3 * H + 2 * Hv)) / 4 / 989e12
     for name in cost.STRATEGIES:
         assert choice.breakdown[name].compute_s == pytest.approx(expected, rel=1e-6), name
 
@@ -159,6 +204,8 @@ def test_one_device_sends_nothing():
         (dict(seq_len=-1), "seq_len.*seq_len=-1"),
         (dict(num_heads=6, num_kv_heads=4), "num_heads=6.*num_kv_heads=4"),
         (dict(memory_bytes=0), "memory_bytes.*memory_bytes=0"),
+        (dict(head_dim_v=0), "head_dim_v.*head_dim_v=0"),
+        (dict(head_dim_v=64.0), "head_dim_v.*head_dim_v=64.0"),
         (dict(layout="striped"), "layout='striped'"),
     ],
 )

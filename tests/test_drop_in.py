@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, output_and_grads, random_qkv
+from conftest import assert_close, assert_matches_oracle, output_and_grads, random_qkv
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,6 +61,15 @@ def test_matches_jax_nn(name, shape, kwargs):
     assert_close(out, expected, name="out")
     for grad_name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert_close(g, e, kind="gradient", name=grad_name)
+
+
+def test_mla_values_of_their_own_width():
+    # jax.nn takes one head dim for q, k and v; the ring also takes v of its own (MLA): against the
+    # float64 oracle, with jax.nn's default scale 1 / sqrt(q's head dim).
+    q, k, v, d_out = random_qkv(7, 2, 64, 4, 2, 48, Hv=32)
+    with jax.set_mesh(data_sequence_mesh()):
+        fn = lambda q, k, v: ring_attn.dot_product_attention(q, k, v, axis_name="sp", is_causal=True)  # noqa: E731
+        assert_matches_oracle(fn, q, k, v, d_out, causal=True)
 
 
 def test_outside_jit_keeps_the_batch_where_it_lies():

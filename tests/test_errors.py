@@ -22,9 +22,12 @@ ids = jnp.zeros((2, 16), jnp.int32)
         (dict(k=k[0], v=v[0]), r"k must have rank 4, \[B, S, K, H\], got shape"),
         (dict(k=random_qkv(1, 2, 16, 4, 3, 32)[1], v=random_qkv(1, 2, 16, 4, 3, 32)[2]),
          r"k has K=3 heads, which must divide q's N=4"),
-        (dict(v=v[:, :8]), r"k and v must have the same shape, got k \(2, 16, 2, 32\) and v \(2, 8, 2, 32\)"),
-        (dict(k=k[..., :16], v=v[..., :16]), r"same head dim, got q H=32 and k H=16"),
-        (dict(k=k[:1], v=v[:1]), r"same batch size, got q B=2 and k B=1"),
+        (dict(v=v[:, :8]), r"k \[B, S, K, H\] and v \[B, S, K, Hv\] must agree on B, S and K, "
+                           r"got k \(2, 16, 2, 32\) and v \(2, 8, 2, 32\)"),
+        # v's head dim may differ (MLA), its heads may not.
+        (dict(v=v[:, :, :1, :16]), r"must agree on B, S and K, got k \(2, 16, 2, 32\) and v \(2, 16, 1, 16\)"),
+        (dict(k=k[..., :16]), r"same head dim \(scores are q·k\), got q \(2, 16, 4, 32\) and k \(2, 16, 2, 16\)"),
+        (dict(k=k[:1], v=v[:1]), r"same batch size, got q \(2, 16, 4, 32\) and k \(1, 16, 2, 32\)"),
         (dict(q=q.astype(jnp.int32)), r"q must have a floating dtype, got int32"),
         (dict(q=q.astype(jnp.bfloat16)), r"q, k and v must share one dtype, got bfloat16, float32 and float32"),
         (dict(segment_ids=ids[:, :8]), r"segment_ids must have shape \[B, T\] = \(2, 16\), got \(2, 8\)"),

@@ -67,6 +67,13 @@ CASES = [
     (1, 64, 64, 2, 1, 32, 16, 16, True, 10, False, jnp.float32, None, False, [(0, 0), (40, 0)]),
     # A bidirectional window with segments, soft-capped.
     (1, 32, 32, 2, 2, 64, 8, 8, False, 6, True, jnp.float32, 2.0, False, [(3, 0)]),
+    # MLA: values of their own width, H given as (q/k, v). DeepSeek's 192/128 with GQA 4:2,
+    # segments, soft-cap and sinks, on the diagonal and shifted.
+    (1, 32, 32, 4, 2, (192, 128), 16, 16, True, None, True, jnp.float32, 2.0, True, [(0, 0), (5, 12)]),
+    # 96/64 in bfloat16 under a bidirectional window; 64/32 causal, T != S; values wider than keys.
+    (1, 16, 32, 4, 4, (96, 64), 8, 16, False, 6, False, jnp.bfloat16, None, False, [(3, 0)]),
+    (1, 16, 32, 2, 1, (64, 32), 8, 8, True, None, False, jnp.float32, None, True, [(20, 8)]),
+    (2, 16, 16, 2, 2, (32, 64), 8, 8, True, None, True, jnp.float32, 3.0, False, [(0, 0)]),
 ]
 
 # Mosaic GPU: 16-bit, tiles of 64 query rows. Interpret mode is slow: few, small cases.
@@ -78,6 +85,8 @@ MGPU_CASES = [
     (2, 96, 96, 4, 4, 64, 48, 48, False, None, False, jnp.bfloat16, None, False, [(5, 0)]),
     # float16, head dim 80 (padded to 128), GQA 2:1, a causal sliding window, sinks.
     (1, 64, 128, 2, 1, 80, 64, 64, True, 24, False, jnp.float16, None, True, [(64, 0)]),
+    # MLA 192/128, GQA 4:2, causal, soft-capped, sinks.
+    (1, 64, 128, 4, 2, (192, 128), 64, 64, True, None, False, jnp.bfloat16, 2.0, True, [(64, 0)]),
 ]
 
 
@@ -86,7 +95,8 @@ def backend_cases():
         for case in MGPU_CASES if backend.sixteen_bit_only else CASES:
             B, T, S, _, _, H, *_, dtype, cap, sinks, _ = case
             extras = "".join(["-cap" if cap else "", "-sinks" if sinks else ""])
-            yield pytest.param(backend, *case, id=f"{backend}-{B}x{T}x{S}-{H}-{dtype.__name__}{extras}")
+            heads = "x".join(map(str, H)) if isinstance(H, tuple) else H
+            yield pytest.param(backend, *case, id=f"{backend}-{B}x{T}x{S}-{heads}-{dtype.__name__}{extras}")
 
 
 @functools.cache
@@ -123,7 +133,8 @@ def kernels(kernel, *, causal, window, block_q, block_kv, given_delta, logit_sof
 def test_forward_and_backward_match_oracle(
     backend, B, T, S, N, K, H, block_q, block_kv, causal, window, segments, dtype, logit_soft_cap, sinks, offsets
 ):
-    q, k, v, d_out = random_qkv(T * S + H, B, T, N, K, H, S=S, dtype=dtype)
+    H, Hv = H if isinstance(H, tuple) else (H, H)  # q/k and v head dims
+    q, k, v, d_out = random_qkv(T * S + Hv, B, T, N, K, H, S=S, dtype=dtype, Hv=Hv)
     q_ids = random_segments(T, B, T, 3) if segments else None
     kv_ids = random_segments(S + 1, B, S, 3) if segments else None
     # Sinks around the scores' own size, so that they take a real share of each row.

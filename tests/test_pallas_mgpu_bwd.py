@@ -116,11 +116,13 @@ def test_float32_is_refused_by_name():
         attention_mgpu_bwd.attention_bwd(q, k, v, q, lse, d_out, scale=SCALE, block_q=64, block_kv=64, interpret=True)
 
 
-def test_head_dim_above_128_is_refused():
-    q, k, v, d_out = random_qkv(16, 1, 64, 2, 1, 192, dtype=jnp.bfloat16)
-    lse = jnp.zeros((1, 2, 64), jnp.float32)
-    with pytest.raises(NotImplementedError, match="head dims up to 128"):
-        attention_mgpu_bwd.attention_bwd(q, k, v, q, lse, d_out, scale=SCALE, block_q=64, block_kv=64, interpret=True)
+def test_head_dim_above_256_is_refused():
+    # wgmma's widest N is 256; MLA's 192 fits (tests/test_kernel_contract.py), 320 does not.
+    q, k, v, d_out = random_qkv(16, 1, 64, 2, 1, 320, dtype=jnp.bfloat16, Hv=128)
+    lse = jnp.asarray(np.random.default_rng(16).standard_normal((1, 2, 64)), jnp.float32)
+    with pytest.raises(ValueError, match=r"head dims up to 256, got q/k 320, v 128"):
+        attention_mgpu_bwd.attention_bwd(q, k, v, None, lse, d_out, scale=SCALE, block_q=64, block_kv=64,
+                                         delta=lse, interpret=True)
 
 
 @pytest.mark.parametrize(

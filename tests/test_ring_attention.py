@@ -26,6 +26,7 @@ import ring_attn
 RINGS = (2, 4, 8)
 GQA = ((4, 4), (4, 1), (8, 2))  # (N, K)
 HEAD_DIMS = (32, 64, 80, 128)
+MLA_HEAD_DIMS = ((192, 128), (96, 64), (64, 32), (32, 64))  # (q/k, v): values of their own width
 
 
 def ring_fn(ring_size, **kwargs):
@@ -34,8 +35,10 @@ def ring_fn(ring_size, **kwargs):
 
 
 def check_against_oracle(ring_size, *, causal, layout, segments, N, K, H, B=2, T=16, block_sizes=None, seed=0):
+    """`H` is one head dim, or a pair (q/k, v)."""
     L = T * ring_size
-    q, k, v, d_out = random_qkv(seed, B, L, N, K, H)
+    H, Hv = H if isinstance(H, tuple) else (H, H)
+    q, k, v, d_out = random_qkv(seed, B, L, N, K, H, Hv=Hv)
     ids = random_segments(seed + 1, B, L) if segments else None
     fn = ring_fn(ring_size, causal=causal, layout=layout, segment_ids=ids, block_sizes=block_sizes)
     assert_matches_oracle(fn, q, k, v, d_out, causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
@@ -79,13 +82,45 @@ def ring_configs(draw):
     return dict(
         ring_size=ring_size, layout=layout, T=T, block_sizes=block_sizes, N=N, K=K,
         causal=draw(st.booleans()), segments=draw(st.booleans()),
-        H=draw(st.sampled_from(HEAD_DIMS)), B=draw(st.integers(1, 2)), seed=draw(st.integers(0, 2**16)),
+        H=draw(st.sampled_from(HEAD_DIMS + MLA_HEAD_DIMS)), B=draw(st.integers(1, 2)),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
 @given(ring_configs())
 def test_property_matches_oracle(config):
     check_against_oracle(**config)
+
+
+@pytest.mark.parametrize(
+    "ring_size,layout,heads,options",
+    [
+        (4, "zigzag", (192, 128), dict(causal=True, segments=True, logit_soft_cap=3.0, sinks=True)),
+        (8, "contiguous", (96, 64), dict(causal=True, window=24, segments=True)),
+        (8, "contiguous", (64, 32), dict(causal=True, documents=True)),
+        (4, "contiguous", (32, 64), dict(causal=False, segments=True, logit_soft_cap=2.0, sinks=True)),
+        (8, "zigzag", (64, 32), dict(causal=False)),
+    ],
+)
+def test_mla_head_dims_with_every_option_match_oracle(ring_size, layout, heads, options):
+    # Values of their own width (MLA) through the ring's options: GQA 4:2, segments, a window,
+    # soft-cap, sinks, and packed documents that end the ring early.
+    options = dict(options)
+    causal, window, cap = options.pop("causal"), options.pop("window", None), options.pop("logit_soft_cap", None)
+    B, L, (H, Hv) = 2, 16 * ring_size, heads
+    q, k, v, d_out = random_qkv(ring_size + H + Hv, B, L, 4, 2, H, Hv=Hv)
+    if options.pop("documents", False):  # documents of 12 tokens: the ring stops after two hops
+        ids = jnp.asarray(np.broadcast_to(np.arange(L) // 12, (B, L)), jnp.int32)
+    else:
+        ids = random_segments(H, B, L) if options.pop("segments", False) else None
+    sinks = options.pop("sinks", False) and jnp.asarray(np.random.default_rng(Hv).normal(0.5, 1.0, 4), jnp.float32)
+    fn = ring_fn(ring_size, causal=causal, layout=layout, window=window, logit_soft_cap=cap, segment_ids=ids)
+    masking = dict(q_segment_ids=ids, kv_segment_ids=ids) if ids is not None else {}
+    if sinks is False:
+        assert_matches_oracle(fn, q, k, v, d_out, causal=causal, window=window, logit_soft_cap=cap, **masking)
+    else:
+        assert_matches_oracle(lambda q, k, v, s: fn(q, k, v, sinks=s), q, k, v, d_out, sinks=sinks, causal=causal,
+                              window=window, logit_soft_cap=cap, **masking)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -90,6 +90,26 @@ def test_decode_soft_cap_and_sinks_match_dense(ring_size, layout):
     assert_close(out, dense_decode(q, k, v, kv_length, logit_soft_cap=2.5, sinks=sinks))
 
 
+@pytest.mark.parametrize("H,Hv,layout,sinks_and_cap", [
+    (64, 32, "contiguous", False), (64, 32, "zigzag", True), (32, 64, "contiguous", True), (32, 64, "zigzag", False),
+])
+def test_decode_mla_head_dims_match_dense(H, Hv, layout, sinks_and_cap):
+    # Multi-head latent attention: values narrower or wider than q and k. The output takes v's
+    # width; the default scale stays 1 / sqrt(H), as in the oracle.
+    R, B, L, N, K, n = 4, 2, 64, 4, 2, 3
+    q, k, v, _ = random_qkv(H + 2 * Hv, B, n, N, K, H, S=L, Hv=Hv)
+    options, sinks = {}, None
+    if sinks_and_cap:
+        q, k = 2.0 * q, 2.0 * k  # scores well past the cap
+        options = dict(logit_soft_cap=2.5)
+        sinks = jnp.asarray(np.random.default_rng(H).normal(0.5, 1.0, N), jnp.float32)
+    kv_length = jnp.array([n, 50], jnp.int32)  # row 0: the first query sees one key
+    k_cache, v_cache = to_layout(k, R, layout), to_layout(v, R, layout)
+    out = sharded_decode(R, layout, **options)(q, k_cache, v_cache, kv_length, sinks)
+    assert out.shape == (B, n, N, Hv)
+    assert_close(out, dense_decode(q, k, v, kv_length, sinks=sinks, **options))
+
+
 def test_decode_bfloat16_and_scale():
     q, k, v, _ = random_qkv(5, 2, 2, 4, 1, 16, S=32, dtype=jnp.bfloat16)
     fn = jax.jit(jax.shard_map(
@@ -127,11 +147,13 @@ def test_cache_positions(layout):
     np.testing.assert_array_equal(from_layout(positions, 4, layout)[0], np.arange(32))
 
 
-@pytest.mark.parametrize("ring_size,layout", [(4, "contiguous"), (4, "zigzag"), (8, "zigzag")])
-def test_cache_update_matches_dense(ring_size, layout):
+# Hv: v's head dim, equal to H = 8, narrower or wider (MLA).
+@pytest.mark.parametrize("ring_size,layout,Hv", [(4, "contiguous", 8), (4, "zigzag", 8), (8, "zigzag", 8),
+                                                 (4, "contiguous", 4), (4, "zigzag", 16)])
+def test_cache_update_matches_dense(ring_size, layout, Hv):
     B, L, n, K, H = 3, 64, 4, 2, 8
-    _, k, v, _ = random_qkv(ring_size, B, 1, 2, K, H, S=L)
-    _, k_new, v_new, _ = random_qkv(ring_size + 1, B, 1, 2, K, H, S=n)
+    _, k, v, _ = random_qkv(ring_size, B, 1, 2, K, H, S=L, Hv=Hv)
+    _, k_new, v_new, _ = random_qkv(ring_size + 1, B, 1, 2, K, H, S=n, Hv=Hv)
     # A shard (and zigzag chunk) boundary is crossed in every layout; the last row runs off the end.
     position = np.array([5, 29, L - 2])
     k_out, v_out = sharded_update(ring_size, layout)(
@@ -191,7 +213,10 @@ def _decode(q_shape=(2, 1, 4, 8), k_shape=(2, 16, 2, 8), **kwargs):
     (lambda: _decode(q_shape=(2, 4, 8)), "q must have rank 4"),
     (lambda: _decode(k_shape=(2, 16, 3, 8)), "k_cache has K=3 heads"),
     (lambda: _decode(k_shape=(3, 16, 2, 8)), "must agree on B and H"),
-    (lambda: _decode(v=jnp.ones((2, 8, 2, 8))), "k_cache and v_cache must have the same shape"),
+    (lambda: _decode(v=jnp.ones((2, 16, 1, 4))),
+     r"k_cache \[B, C, K, H\] and v_cache \[B, C, K, Hv\] must agree on B, C and K, "
+     r"got k_cache \(2, 16, 2, 8\) and v_cache \(2, 16, 1, 4\)"),
+    (lambda: _decode(v=jnp.ones((2, 8, 2, 8))), r"got k_cache \(2, 16, 2, 8\) and v_cache \(2, 8, 2, 8\)"),
     (lambda: _decode(layout="striped"), "unknown layout='striped'"),
     (lambda: _decode(k_shape=(2, 15, 2, 8), layout="zigzag"), "local cache length must be even, got 15"),
     (lambda: _decode(kv_length=jnp.array([3, 4, 5])), r"kv_length must have shape \[\] or \[B\] = \(2,\), got \(3,\)"),
@@ -201,6 +226,9 @@ def _decode(q_shape=(2, 1, 4, 8), k_shape=(2, 16, 2, 8), **kwargs):
     (lambda: _decode(axis_name="sp"), "axis_name='sp' is not bound"),
     (lambda: ring_attn.ring_cache_update(*[jnp.ones((2, 8, 2, 4))] * 2, *[jnp.ones((2, 1, 3, 4))] * 2,
                                          axis_name=None, position=0), r"k_new \[B, n, K, H\]"),
+    (lambda: ring_attn.ring_cache_update(jnp.ones((2, 8, 2, 4)), jnp.ones((2, 8, 2, 6)), *[jnp.ones((2, 1, 2, 4))] * 2,
+                                         axis_name=None, position=0),
+     r"v_new \[B, n, K, Hv\] = \(2, 1, 2, 4\) must match v_cache \[B, C, K, Hv\] = \(2, 8, 2, 6\)"),
     (lambda: ring_attn.ring_cache_update(*[jnp.ones((2, 8, 2, 4))] * 2, *[jnp.ones((2, 1, 2, 4))] * 2,
                                          axis_name=None, position=jnp.zeros((2, 1), jnp.int32)),
      "position must have shape"),

@@ -33,10 +33,11 @@ def sharded(attention, ring_size, *, check_vma, **kwargs):
     )
 
 
-def check_ring(ring_size, *, causal, seed, gradients, block=16, N=2, K=1, H=32, logit_soft_cap=None, sinks=False):
+def check_ring(ring_size, *, causal, seed, gradients, block=16, N=2, K=1, H=32, Hv=None, logit_soft_cap=None,
+               sinks=False):
     B, T = 1, 16
     L = T * ring_size
-    q, k, v, d_out = random_qkv(seed, B, L, N, K, H)
+    q, k, v, d_out = random_qkv(seed, B, L, N, K, H, Hv=Hv)
     q_ids = random_segments(seed + 1, B, L, 3)
     kv_ids = q_ids if causal else random_segments(seed + 2, B, L, 3)  # cross ids when not causal
     sinks = jnp.asarray(np.random.default_rng(seed + 3).normal(0.5, 1.0, N), jnp.float32) if sinks else None
@@ -70,14 +71,22 @@ def test_ring_of_8_with_cross_segments_matches_oracle_and_ppermute_ring():
     check_ring(8, causal=False, seed=10, gradients=False)
 
 
-def test_ring_step_kernel_passes_kv_to_the_next_device_without_races(capfd):
+@pytest.mark.parametrize(("H", "Hv", "causal"), [(64, 32, True), (32, 64, False)])
+def test_mla_head_dims_match_oracle_and_ppermute_ring(H, Hv, causal):
+    # k and v shards of different widths travel in buffers of their own.
+    check_ring(4, causal=causal, seed=11 + H, gradients=True, H=H, Hv=Hv, logit_soft_cap=2.0 if causal else None,
+               sinks=causal)
+
+
+@pytest.mark.parametrize("Hv", [32, 16], ids=["v_as_wide", "v_narrower"])
+def test_ring_step_kernel_passes_kv_to_the_next_device_without_races(capfd, Hv):
     """One ring step under shard_map's defaults (check_vma=True), with eager DMAs and the race
     detector: the kernel returns the shard of the previous device and the partial of
     `attention_fwd`, no access races a DMA, and every semaphore is back at 0 at kernel exit (each
     device signalled once and waited once, every copy awaited on both ends); the interpreter
-    prints what it finds."""
+    prints what it finds. With v narrower than k (MLA), each travels in a buffer of its own width."""
     ring_size, B, T, N, K, H = 4, 1, 16, 2, 1, 32
-    q, k, v, _ = random_qkv(20, B, T * ring_size, N, K, H)
+    q, k, v, _ = random_qkv(20, B, T * ring_size, N, K, H, Hv=Hv)
     ids = random_segments(21, B, T * ring_size, 3)
     params = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
     kw = dict(causal=False, scale=0.25, block_q=16, block_kv=16, interpret=params)
