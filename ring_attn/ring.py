@@ -1,12 +1,13 @@
 """The ring: forward and backward passes of ring attention inside `shard_map`, as one `custom_vjp`.
 
 Each device keeps its query shard. Key/value shards travel to the next device every step (key
-segment ids are all-gathered once instead: 4 bytes a token, and one transfer fewer a step); the
-send of the shard in hand is issued before the compute on it, so XLA can overlap the two. In the
-backward the dk/dv accumulators travel in the same transfer as the shard, so each step has one
-transfer to hide behind its kernels. Partial `(out, lse)` merge exactly in float32. In the
-backward, dk/dv accumulate in float32 while they travel and are sent home to their owner after
-the last step.
+segment ids are all-gathered once instead: 4 bytes a token, and one transfer fewer a step). The
+overlap is built into the loop's shape (`_run_ring`): every step, the first and the last
+included, is an iteration that issues one transfer (the next shard; in the backward also the
+dk/dv accumulators of the shard in hand) which nothing of its own compute reads, then runs its
+kernels. `tests/test_schedule_sweep.py` holds the compiled schedules to it. Partial `(out, lse)`
+merge exactly in float32. In the backward, dk/dv accumulate in float32 while they travel and are
+sent home to their owner after the last step.
 
 Causal work is planned per step, never computed and then masked:
 - contiguous: step 0 is the diagonal; a later step's shard is wholly in the past (computed with
@@ -116,7 +117,8 @@ def _hop(x, spec, ring_size):
 
     For GPU kernels the leaves go as one buffer of bytes: XLA's GPU scheduler keeps one
     collective in flight at a time, so separate k and v permutes would leave one of them
-    exposed before the step's kernel; one permute overlaps the kernel whole."""
+    exposed before the step's kernel; one permute overlaps the kernel whole. (On TPU, bytes
+    would cost a relayout of every leaf; there the permutes go as they are.)"""
     with jax.named_scope(RING_SCOPE):
         if not spec.impl.gpu or len(jax.tree.leaves(x)) < 2:
             return shift(x, spec.axis_name, ring_size)
@@ -171,16 +173,52 @@ def _pad(part, value, axis=1):
     return jnp.concatenate([value, zeros] if part == "first" else [zeros, value], axis)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    """A ring step's work as alternatives picked on the device at run time: `branches[index]()`.
+
+    Kept as alternatives, not run, so that the ring's loop can make the first step one more
+    alternative of a single `lax.switch` (no conditional nested in another)."""
+
+    index: jax.Array | int
+    branches: tuple
+
+    def map(self, fn):
+        """The same choice, each branch's result passed through `fn`."""
+        return _Choice(self.index, tuple(lambda b=b: fn(b()) for b in self.branches))
+
+    def run(self, first, is_first):
+        """The chosen branch's result, or `first()`'s where `is_first`: one `lax.switch`."""
+        index = jnp.where(is_first, 0, 1 + jnp.asarray(self.index, jnp.int32))
+        return lax.switch(index, (first, *self.branches))
+
+
 def _run_ring(first_step, step, kv, spec, num_steps, travelling=None):
-    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src, arrived)` for steps
-    1..num_steps-1, where `src` is the rank whose k/v shard is in hand and `arrived` is
-    `travelling(carry)` of the previous device (the backward's dk/dv of the shard now in hand),
-    or None. The shard for step s+1 and what travels are sent, in one transfer, before step s
-    computes. Without `travelling` the last step runs after the loop and sends nothing; with it,
-    the last step runs in the loop too (its shard's send is wasted), so that its transfer is
-    issued before its kernels as in every other step. `num_steps` is an int, or a traced int32
-    that is the same on every device (then a `while_loop`)."""
-    ring_size, rank = ring_position(spec.axis_name)
+    """Runs `first_step(kv)` on the local shard, then `step(carry, kv, src)` (a `_Choice`) for
+    steps 1..num_steps-1, where `src` is the rank whose k/v shard is in hand. `num_steps` is an
+    int, or a traced int32 that is the same on every device (then a `while_loop`).
+
+    `travelling`, None or a pair `(send, combine)`: what travels with the shards (the backward's
+    dk/dv accumulators). Each step sends `send(carry)` along with the shard in hand, and its
+    result (of `first_step` or `step`) becomes the carry `combine(carry, result, arrived)`,
+    where `arrived` is the previous device's `send(carry)`, the accumulators of the shard now in
+    hand.
+
+    Every step is an iteration of one loop, the first and the last included: the iteration
+    issues the shard for the next step and what travels, in one transfer that nothing of its
+    compute reads, then computes (one `lax.switch` on the step index and the step's own choice
+    picks the kernels). A step peeled off the loop lets the scheduler run its kernels before the
+    first hop starts, or finish the last hop before the kernels: a transfer with nothing to hide
+    behind. The last step's send is wasted; the first iteration starts from a carry of zeros,
+    and sends zeros as `send(carry)`, which `combine` must treat as nothing (a sum does).
+
+    Two things make the kernels run while the transfer is in flight, whatever surrounds the
+    ring: the step's kernels sit in one conditional (the switch), even when the step has a single
+    choice, so the scheduler moves them as a unit; and an optimization barrier joins the step's
+    result with what the transfer brought, so that nothing after the step can start until both
+    are done, and nothing gives the scheduler a reason to wait for the transfer before the
+    kernels. Without either, XLA's TPU scheduler leaves transfers exposed in a third of drawn
+    configurations (`tests/test_schedule_sweep.py`)."""
     if not isinstance(num_steps, int):
         return lax.cond(
             num_steps > 1,
@@ -188,34 +226,47 @@ def _run_ring(first_step, step, kv, spec, num_steps, travelling=None):
         )
     if num_steps == 1:
         return first_step(kv)
-    kv_next = _hop(kv, spec, ring_size)
-    carry = first_step(kv)
+    empty = _zeros_like(jax.eval_shape(first_step, kv))
+    body = _ring_iteration(first_step, step, spec, travelling)
+    (carry, _), _ = lax.scan(lambda state, s: (body(s, state), None), (empty, kv), jnp.arange(num_steps))
+    return carry
 
-    def body(state, s):
+
+def _zeros_like(abstract):
+    """Zeros of the shapes, dtypes and device-varying axes of `abstract` (a pytree of
+    `jax.ShapeDtypeStruct`s), as a loop carry must match what its body returns."""
+    def zeros(a):
+        x = jnp.zeros(a.shape, a.dtype)
+        varying = tuple(sorted(a.manual_axis_type.varying)) if a.manual_axis_type is not None else ()
+        return lax.pcast(x, varying, to="varying") if varying else x
+
+    return jax.tree.map(zeros, abstract)
+
+
+def _ring_iteration(first_step, step, spec, travelling):
+    """One loop iteration of `_run_ring`: (carry, shard in hand) -> (carry, next shard)."""
+    ring_size, rank = ring_position(spec.axis_name)
+
+    def body(s, state):
         carry, kv = state
-        kv_next, arrived = _hop((kv, travelling(carry) if travelling else None), spec, ring_size)
-        return (step(carry, kv, (rank - s) % ring_size, arrived), kv_next), None
+        send, combine = travelling or (lambda carry: None, None)
+        kv_next, arrived = _hop((kv, send(carry)), spec, ring_size)
+        result = step(carry, kv, (rank - s) % ring_size).run(first=lambda: first_step(kv), is_first=s == 0)
+        result, kv_next, arrived = lax.optimization_barrier((result, kv_next, arrived))
+        return result if combine is None else combine(carry, result, arrived), kv_next
 
-    last_in_loop = travelling is not None
-    (carry, kv), _ = lax.scan(body, (carry, kv_next), jnp.arange(1, num_steps if last_in_loop else num_steps - 1))
-    return carry if last_in_loop else step(carry, kv, (rank - (num_steps - 1)) % ring_size, None)
+    return body
 
 
 def _run_ring_until(first_step, step, kv, spec, num_steps, travelling):
-    """`_run_ring` for a traced `num_steps` > 1: the steps after the first in a `while_loop`."""
-    ring_size, rank = ring_position(spec.axis_name)
-    kv_next = _hop(kv, spec, ring_size)
-    carry = first_step(kv)
-
-    def body(state):
-        s, carry, kv = state
-        kv_next, arrived = _hop((kv, travelling(carry) if travelling else None), spec, ring_size)
-        return s + 1, step(carry, kv, (rank - s) % ring_size, arrived), kv_next
-
-    last_in_loop = travelling is not None
-    end = num_steps if last_in_loop else num_steps - 1
-    _, carry, kv = lax.while_loop(lambda state: state[0] < end, body, (jnp.int32(1), carry, kv_next))
-    return carry if last_in_loop else step(carry, kv, (rank - (num_steps - 1)) % ring_size, None)
+    """`_run_ring` for a traced `num_steps` > 1: its loop a `while_loop`."""
+    empty = _zeros_like(jax.eval_shape(first_step, kv))
+    body = _ring_iteration(first_step, step, spec, travelling)
+    _, carry, _ = lax.while_loop(
+        lambda state: state[0] < num_steps, lambda state: (state[0] + 1, *body(state[0], state[1:])),
+        (jnp.int32(0), empty, kv),
+    )
+    return carry
 
 
 def _send_home(x, spec, ring_size, num_steps):
@@ -257,11 +308,11 @@ class _Plan:
         return None if self.kv_seg_all is None else self.kv_seg_all[src]
 
     def branch(self, pred, true_fn, false_fn):
-        """`lax.cond` on a per-device predicate. Interpreted TPU kernels synchronise all devices
+        """A `_Choice` on a per-device predicate. Interpreted TPU kernels synchronise all devices
         inside every kernel call, so there each device runs both branches and selects."""
         if not self.spec.impl.interpreted:
-            return lax.cond(pred, true_fn, false_fn)
-        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn())
+            return _Choice(jnp.where(pred, 0, 1), (true_fn, false_fn))
+        return _Choice(0, (lambda: jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn()),))
 
     def first_step(self, call):
         spec = self.spec
@@ -275,7 +326,7 @@ class _Plan:
         ]
 
     def later_step(self, src, kv_seg, call, skip):
-        """Traced over `src` (the rank whose shard is in hand, with ids `kv_seg`): the result of
+        """Traced over `src` (the rank whose shard is in hand, with ids `kv_seg`): a `_Choice` of
         the step's calls (combined by the caller's `call`)."""
         spec = self.spec
         if self.documents:
@@ -285,12 +336,12 @@ class _Plan:
             offsets = dict(q_offset=self.rank * self.T, kv_offset=src * self.S)
             return self.branch(visible, lambda: call("all", "all", causal=True, window=spec.window, **offsets), skip)
         if not spec.causal and spec.window is None:
-            return call("all", "all", causal=False)
+            return _Choice(0, (lambda: call("all", "all", causal=False),))
         if spec.window is not None:
             # Global offsets (traced): the kernel skips tiles beyond the window.
             offsets = dict(q_offset=self.rank * self.T, kv_offset=src * self.S)
             attend = lambda: call("all", "all", causal=spec.causal, window=spec.window, **offsets)  # noqa: E731
-            return attend() if not spec.causal else self.branch(src < self.rank, attend, skip)
+            return _Choice(0, (attend,)) if not spec.causal else self.branch(src < self.rank, attend, skip)
         if spec.layout == "contiguous":
             return self.branch(src < self.rank, lambda: call("all", "all", causal=False), skip)
         # zigzag: a lower rank's shard is seen by all queries through its first half; a higher
@@ -320,7 +371,7 @@ def _forward(spec, q, k, v, q_seg, kv_seg):
         outs, lses = zip(*parts)
         return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2)
 
-    def step(state, kv, src, _):
+    def step(state, kv, src):
         kv = (*kv, plan.kv_segment_ids(src))
 
         def merged(q_part, kv_part, **masking):
@@ -366,14 +417,20 @@ def backward(spec, residuals, d_out):
         dq, dk, dv = (functools.reduce(jnp.add, xs) for xs in zip(*parts))
         return dq, (dk, dv)
 
-    def step(carry, kv, src, dkv):
-        # dkv, the accumulator of the shard now in hand, arrives (with the next shard) while this step computes.
-        dq, _ = carry
+    def step(carry, kv, src):
         kv = (*kv, plan.kv_segment_ids(src))
-        dq_s, dk_s, dv_s = plan.later_step(src, kv[2], functools.partial(contributions, kv=kv), nothing)
-        return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+        choice = plan.later_step(src, kv[2], functools.partial(contributions, kv=kv), nothing)
+        return choice.map(lambda d: (d[0], (d[1], d[2])))
 
-    dq, dkv = _run_ring(first_step, step, (k, v), spec, plan.num_steps, travelling=lambda carry: carry[1])
+    def combine(carry, result, arrived):
+        # This step's share of dq, and of dk/dv of the shard in hand, whose accumulators arrived
+        # while it computed. Added outside the step's branches, as nothing inside depends on them.
+        (dq, _), (dq_s, (dk_s, dv_s)) = carry, result
+        return dq + dq_s, (arrived[0] + dk_s, arrived[1] + dv_s)
+
+    dq, dkv = _run_ring(
+        first_step, step, (k, v), spec, plan.num_steps, travelling=(lambda carry: carry[1], combine)
+    )
     dk, dv = _send_home(dkv, spec, plan.ring_size, plan.num_steps)
     d_sinks = None if sinks is None else pallas_kernels.sinks_grad(lse, delta, sinks).astype(sinks.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks

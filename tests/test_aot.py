@@ -1,8 +1,8 @@
 """Compiled, not run: every kernel family for 8 H100s and 4 TPU v5p chips by the real compilers.
 
 Needs the `aot` extra (XLA's CUDA compiler and libtpu; Python 3.12) and `JAX_PLATFORMS=cpu`; skips
-otherwise. At 8K tokens a device, bf16, 8 heads of 128, each case is compiled forward and
-forward + backward, and the compiled program must hold its platform's kernels, no host callback,
+otherwise. At 8K tokens a device, bf16, 8 heads of 128 (MLA's case: q/k 192, v 128), each case is
+compiled forward and forward + backward, and the compiled program must hold its platform's kernels, no host callback,
 Triton kernels within the card's shared memory, and no exposed ring transfer
 (`ring_attn.aot.ring_transfers`).
 """
@@ -51,6 +51,7 @@ CASES = {
     "window": dict(causal=True, window=4096),
     "soft_cap_sinks": dict(causal=True, layout="zigzag", logit_soft_cap=30.0, sinks=True),
     "documents": dict(causal=True, segments=True),  # packed documents: the ring ends early
+    "mla": dict(causal=True, layout="zigzag", head_dims=(192, 128)),  # causal_zigzag at DeepSeek's q/k 192, v 128
 }
 FAMILIES = [("h100:8", "pallas_triton", "triton"), ("h100:8", "pallas_mgpu", "mosaic_gpu"),
             ("v5p:2x2x1", "pallas_tpu", "mosaic_tpu")]
@@ -63,9 +64,10 @@ def _ring_program(topology, impl, case, backward):
     options = dict(CASES[case])
     kv_heads = options.pop("kv_heads", N)
     segments, sinks = options.pop("segments", False), options.pop("sinks", False)
+    H_qk, H_v = options.pop("head_dims", (H, H))
     seq = P(None, "sp")
-    args = [_struct(mesh, (1, L, N, H), seq), _struct(mesh, (1, L, kv_heads, H), seq),
-            _struct(mesh, (1, L, kv_heads, H), seq),
+    args = [_struct(mesh, (1, L, N, H_qk), seq), _struct(mesh, (1, L, kv_heads, H_qk), seq),
+            _struct(mesh, (1, L, kv_heads, H_v), seq),
             _struct(mesh, (1, L), seq, jnp.int32) if segments else None,
             _struct(mesh, (N,), P(), jnp.float32) if sinks else None]
 
