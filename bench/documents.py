@@ -53,9 +53,13 @@ def train_step(mesh, ids):
 
 
 def transfers(steps, segments):
-    """k/v-sized sends per device: (forward, backward)."""
-    home = bin(steps - 1).count("1") if segments else int(steps > 1)
-    return steps - 1, 2 * (steps - 1) + home
+    """k/v-sized sends per device: (forward, backward). Every step of a ring of more than one
+    step sends (the last step's shard too, wasted: the price of a loop with no step peeled off);
+    in the backward the dk/dv accumulators travel with each, and go home after the last."""
+    if steps == 1:
+        return 0, 0
+    home = bin(steps - 1).count("1") if segments else 1
+    return steps, 2 * steps + home
 
 
 def main(argv=None):

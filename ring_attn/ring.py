@@ -217,8 +217,9 @@ def _run_ring(first_step, step, kv, spec, num_steps, travelling=None):
     choice, so the scheduler moves them as a unit; and an optimization barrier joins the step's
     result with what the transfer brought, so that nothing after the step can start until both
     are done, and nothing gives the scheduler a reason to wait for the transfer before the
-    kernels. Without either, XLA's TPU scheduler leaves transfers exposed in a third of drawn
-    configurations (`tests/test_schedule_sweep.py`)."""
+    kernels. Without the barrier XLA's TPU scheduler left transfers exposed in a third of drawn
+    configurations, without the switch in a sixth (bench/RESULTS.md, "Every ring transfer
+    hidden"); `tests/test_schedule_sweep.py` keeps it so."""
     if not isinstance(num_steps, int):
         return lax.cond(
             num_steps > 1,
