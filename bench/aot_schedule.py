@@ -15,8 +15,7 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import test_aot  # noqa: E402
-from test_aot import FAMILIES, _ring_program  # noqa: E402
+from test_aot import CASES, FAMILIES, ring_program  # noqa: E402
 
 from ring_attn import aot  # noqa: E402
 
@@ -27,11 +26,10 @@ def main():
     rows = []
     for per_device, case in ((2048, "causal_zigzag"), (8192, "causal_zigzag"), (32768, "causal_zigzag"),
                              (8192, "mla")):
-        test_aot.PER_DEVICE = per_device
         head_dims = "192/128" if case == "mla" else "128/128"
         for topology, impl, family in FAMILIES:
             for backward in (False, True):
-                fn, args = _ring_program(topology, impl, case, backward)
+                fn, args = ring_program(topology, impl, CASES[case], backward, per_device=per_device)
                 with tempfile.TemporaryDirectory() as dump:
                     options = {"xla_dump_to": dump} if topology.startswith("h100") else {}
                     compiled = fn.lower(*args).compile(compiler_options=options)

@@ -19,7 +19,7 @@ import ring_attn
 from ring_attn import aot
 
 
-def _missing():
+def missing():
     if aot.missing_compiler() is not None:
         return "the aot extra is not installed (pip install -e '.[aot]' on Python 3.12)"
     if jax.default_backend() != "cpu":
@@ -27,7 +27,7 @@ def _missing():
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 PER_DEVICE = 8192
 N, H = 8, 128
@@ -57,19 +57,22 @@ FAMILIES = [("h100:8", "pallas_triton", "triton"), ("h100:8", "pallas_mgpu", "mo
             ("v5p:2x2x1", "pallas_tpu", "mosaic_tpu")]
 
 
-def _ring_program(topology, impl, case, backward):
+def ring_program(topology, impl, options, backward, *, per_device=PER_DEVICE, num_heads=N, loss="square"):
+    """(jitted function, argument shapes) of `ring_attention_global` on `topology`, bf16, batch 1:
+    `options` are its keyword arguments, and `kv_heads`, `head_dims` (q/k, v), `segments` and
+    `sinks` shape the arguments. Backward: `grad` of the loss of the output, `(out**2).sum()`
+    ("square": d_out depends on the output, as in a model) or `out.sum()` ("sum": a constant)."""
     mesh = _mesh(topology)
-    R = mesh.shape["sp"]
-    L = PER_DEVICE * R
-    options = dict(CASES[case])
-    kv_heads = options.pop("kv_heads", N)
+    L = per_device * mesh.shape["sp"]
+    options = dict(options)
+    kv_heads = options.pop("kv_heads", num_heads)
     segments, sinks = options.pop("segments", False), options.pop("sinks", False)
     H_qk, H_v = options.pop("head_dims", (H, H))
     seq = P(None, "sp")
-    args = [_struct(mesh, (1, L, N, H_qk), seq), _struct(mesh, (1, L, kv_heads, H_qk), seq),
+    args = [_struct(mesh, (1, L, num_heads, H_qk), seq), _struct(mesh, (1, L, kv_heads, H_qk), seq),
             _struct(mesh, (1, L, kv_heads, H_v), seq),
             _struct(mesh, (1, L), seq, jnp.int32) if segments else None,
-            _struct(mesh, (N,), P(), jnp.float32) if sinks else None]
+            _struct(mesh, (num_heads,), P(), jnp.float32) if sinks else None]
 
     def attention(q, k, v, ids, sink_logits):
         return ring_attn.ring_attention_global(
@@ -79,17 +82,18 @@ def _ring_program(topology, impl, case, backward):
     if not backward:
         return jax.jit(attention), args
 
-    def loss(q, k, v, ids, sink_logits):  # d_out depends on the output, as in a model
-        return jnp.square(attention(q, k, v, ids, sink_logits).astype(jnp.float32)).sum()
+    def loss_of_output(q, k, v, ids, sink_logits):
+        out = attention(q, k, v, ids, sink_logits).astype(jnp.float32)
+        return out.sum() if loss == "sum" else jnp.square(out).sum()
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4) if sinks else (0, 1, 2))), args
+    return jax.jit(jax.grad(loss_of_output, argnums=(0, 1, 2, 4) if sinks else (0, 1, 2))), args
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize(("topology", "impl", "family"), FAMILIES, ids=[f[2] for f in FAMILIES])
 def test_ring_compiles_with_every_transfer_hidden(topology, impl, family, case, backward, tmp_path):
-    fn, args = _ring_program(topology, impl, case, backward)
+    fn, args = ring_program(topology, impl, CASES[case], backward)
     options = {"xla_dump_to": str(tmp_path)} if topology.startswith("h100") else {}
     compiled = fn.lower(*args).compile(compiler_options=options)
     text = compiled.as_text()
@@ -109,7 +113,7 @@ def test_ring_compiles_with_every_transfer_hidden(topology, impl, family, case, 
 def test_auto_takes_each_platforms_kernels():
     """impl="auto" follows the mesh's devices on a CPU host: Triton for H100s, Mosaic for TPU."""
     for topology, family in (("h100:8", "triton"), ("v5p:2x2x1", "mosaic_tpu")):
-        fn, args = _ring_program(topology, "auto", "causal_zigzag", backward=False)
+        fn, args = ring_program(topology, "auto", CASES["causal_zigzag"], backward=False)
         text = fn.lower(*args).compile().as_text()
         assert family in aot.kernels(text) and not aot.host_callbacks(text)
 

@@ -13,15 +13,11 @@ Needs the `aot` extra and `JAX_PLATFORMS=cpu`; skips otherwise.
 
 import os
 
-import jax
-import jax.numpy as jnp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from test_aot import missing, ring_program
 
-import ring_attn
 from ring_attn import aot
 
 TARGETS = {"h100": "h100:8", "v5p": "v5p:2x2x1"}
@@ -42,55 +38,18 @@ GPU_KERNELS = ("pallas_triton", "pallas_mgpu")
 SCHEDULE_EXAMPLES = int(os.environ.get("RING_ATTN_SCHEDULE_EXAMPLES", "10"))
 
 
-def missing():
-    if aot.missing_compiler() is not None:
-        return "the aot extra is not installed (pip install -e '.[aot]' on Python 3.12)"
-    if jax.default_backend() != "cpu":
-        return "deviceless compilation runs with JAX_PLATFORMS=cpu"
-    return None
-
-
-_MESHES = {}
-
-
-def _mesh(target):
-    if target not in _MESHES:
-        topo = aot.topology(TARGETS[target])
-        _MESHES[target] = aot.mesh(topo, {"sp": topo.num_chips})
-    return _MESHES[target]
-
-
 def case_program(target, case):
     """(jitted function, argument shapes) of one drawn `case` (a dict over `SPACE`'s keys, and
     `impl`) on `target`."""
-    mesh = _mesh(target)
-    R = mesh.shape["sp"]
     T = case["tokens_per_device"]
-    L, (N, K), (H, Hv) = T * R, case["heads"], case["head_dims"]
-    window = {None: None, "half": T // 2, "two": 2 * T}[case["window"]]
-    seq = P(None, "sp")
-
-    def struct(shape, spec, dtype=jnp.bfloat16):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
-    args = [struct((1, L, N, H), seq), struct((1, L, K, H), seq), struct((1, L, K, Hv), seq),
-            struct((1, L), seq, jnp.int32) if case["segments"] else None,
-            struct((N,), P(), jnp.float32) if case["sinks"] else None]
-
-    def attention(q, k, v, ids, sinks):
-        return ring_attn.ring_attention_global(
-            q, k, v, mesh=mesh, axis_name="sp", causal=case["causal"], layout=case["layout"], window=window,
-            segment_ids=ids, logit_soft_cap=case["logit_soft_cap"], sinks=sinks, impl=case["impl"],
-        )
-
-    if case["pass_"] == "forward":
-        return jax.jit(attention), args
-
-    def loss(*a):
-        out = attention(*a).astype(jnp.float32)
-        return out.sum() if case["loss"] == "sum" else jnp.square(out).sum()
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4) if case["sinks"] else (0, 1, 2))), args
+    N, K = case["heads"]
+    options = dict(
+        causal=case["causal"], layout=case["layout"], window={None: None, "half": T // 2, "two": 2 * T}[case["window"]],
+        logit_soft_cap=case["logit_soft_cap"], kv_heads=K, head_dims=case["head_dims"], segments=case["segments"],
+        sinks=case["sinks"],
+    )
+    return ring_program(TARGETS[target], case["impl"], options, case["pass_"] == "backward", per_device=T,
+                        num_heads=N, loss=case["loss"])
 
 
 def valid(case):
