@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_aot import _missing
+from test_aot import missing
 
 from model_zoo.config import TINY
 from model_zoo.model import init_params
@@ -50,7 +50,7 @@ def _plan(*args):
                           env=env, timeout=900)
 
 
-@pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
 def test_plan_reports_a_step_that_fits():
     result = _plan("--preset", "tiny", "--seq-len", "8192", "--topology", "h100:8")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,7 +60,7 @@ def test_plan_reports_a_step_that_fits():
     assert "compiling the training step for h100:8: done" in result.stderr  # the progress line
 
 
-@pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
 def test_plan_exits_1_naming_the_shortfall():
     """LWM-7B's float32 parameters and AdamW state (about 81 GB) cannot fit one H100."""
     result = _plan("--preset", "lwm-7b", "--seq-len", "2048", "--topology", "h100:1")
