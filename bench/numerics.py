@@ -17,11 +17,15 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `reference` is not installed
 
 import reference  # noqa: E402
 import ring_attn  # noqa: E402
