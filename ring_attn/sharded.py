@@ -27,7 +27,6 @@ def ring_attention_global(
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(f"{axis_name=} is not an axis of the mesh, whose axes are {mesh.axis_names}")
-    ring_size = mesh.shape[axis_name]
     batch_axes = tuple(batch_axes)
     if axis_name in batch_axes or any(a not in mesh.axis_names for a in batch_axes):
         raise ValueError(
@@ -37,9 +36,24 @@ def ring_attention_global(
     B = q.shape[0] if getattr(q, "ndim", 0) >= 1 else None
     if B is not None and B % batch_split:
         raise ValueError(f"the batch B={B} must be divisible by the {batch_split} devices of {batch_axes=}")
-    multiple = 2 * ring_size if layout == "zigzag" else ring_size
-    L = q.shape[1] if getattr(q, "ndim", 0) >= 2 else None
-    padded = L is not None and any(getattr(x, "ndim", 0) >= 2 and x.shape[1] % multiple for x in (q, k, v))
+    options = tuple(sorted(kwargs.items()))
+    try:
+        hash(options)
+    except TypeError:  # an array among the options (a traced scale): no cache to key on
+        return _sharded.__wrapped__(q, k, v, segment_ids, sinks, mesh=mesh, axis_name=axis_name,
+                                    batch_axes=batch_axes, layout=layout, check_vma=check_vma, options=options)
+    return _sharded(q, k, v, segment_ids, sinks, mesh=mesh, axis_name=axis_name, batch_axes=batch_axes,
+                    layout=layout, check_vma=check_vma, options=options)
+
+
+# Jitted so that a call outside jit compiles once per shape and options: run eagerly, a shard_map
+# executes op by op and compiles its ops again at every call.
+@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "batch_axes", "layout", "check_vma", "options"))
+def _sharded(q, k, v, segment_ids, sinks, *, mesh, axis_name, batch_axes, layout, check_vma, options):
+    kwargs = dict(options)
+    multiple = 2 * mesh.shape[axis_name] if layout == "zigzag" else mesh.shape[axis_name]
+    L = q.shape[1] if q.ndim >= 2 else None  # a malformed shape: ring_attention names it
+    padded = L is not None and any(x.ndim >= 2 and x.shape[1] % multiple for x in (q, k, v))
     if padded:
         q, k, v, segment_ids = _pad_to_multiple(q, k, v, segment_ids, multiple, causal=kwargs.get("causal", False))
     attend = functools.partial(ring_attention, axis_name=axis_name, layout=layout, **kwargs)

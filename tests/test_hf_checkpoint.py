@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -76,7 +77,7 @@ def test_config_and_single_device_logits(base):
     assert (config.num_heads, config.num_kv_heads, config.rms_norm_eps) == (4, 4, 1e-5)
     assert (config.rope_theta, config.max_position_embeddings) == (5e7, 1_048_576)
     assert params["layers"]["wq"].shape == (2, 64, 64) and params["lm_head"].shape == (64, 128)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    chex.assert_type(jax.tree.leaves(params), jnp.float32)
     tokens = random_tokens(1)
     assert_close(_forward(params, tokens, config=config), torch_logits(model, tokens), name="logits")
 
@@ -103,7 +104,7 @@ def test_sharded_checkpoint_loads_the_same(base, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
     _, whole = load_hf_checkpoint(path)
     _, sharded = load_hf_checkpoint(tmp_path)
-    jax.tree.map(np.testing.assert_array_equal, sharded, whole)
+    chex.assert_trees_all_equal(sharded, whole)
 
 
 def test_legacy_config_as_lwm_publishes_it(base, tmp_path):
@@ -126,11 +127,11 @@ def test_convert_then_load_model_round_trip(base, tmp_path):
     assert convert_checkpoint(path, tmp_path / "out") == config
     loaded_config, loaded = load_model(tmp_path / "out")
     assert loaded_config == config
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    chex.assert_trees_all_equal(loaded, params)
     convert_checkpoint(path, tmp_path / "bf16", dtype=jnp.bfloat16)
     _, loaded = load_model(tmp_path / "bf16")
-    assert {p.dtype for p in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), loaded, params)
+    chex.assert_type(jax.tree.leaves(loaded), jnp.bfloat16)
+    chex.assert_trees_all_equal(loaded, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
 
 
 def test_convert_command_line(base, tmp_path, capsys):
@@ -162,9 +163,9 @@ def test_bfloat16_file(base, tmp_path):
     _, params = load_hf_checkpoint(path)
     _, from_bf16 = load_hf_checkpoint(tmp_path)
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
-    jax.tree.map(np.testing.assert_array_equal, from_bf16, rounded)
+    chex.assert_trees_all_equal(from_bf16, rounded)
     _, as_bf16 = load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(as_bf16))
+    chex.assert_type(jax.tree.leaves(as_bf16), jnp.bfloat16)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Tokenizer, masked sequence packing, needle examples and the per-row normalised loss."""
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_multi_needle_rows_ask_for_every_needle():
     # The default is one needle, drawn exactly as before the option existed.
     one = packed_batch(4, 0, batch_size=8, seq_len=512, max_needles=1)
     default = packed_batch(4, 0, batch_size=8, seq_len=512)
-    assert all(np.array_equal(one[k], default[k]) for k in one)
+    chex.assert_trees_all_equal(one, default, strict=True)
     with pytest.raises(ValueError, match="max_needles must be a positive int, got 0"):
         packed_batch(0, 0, batch_size=1, seq_len=128, max_needles=0)
     with pytest.raises(ValueError, match="max_needles must be a positive int, got 2.0"):
@@ -141,7 +142,7 @@ def test_copy_rows_repeat_random_corpus_tokens_and_train_on_the_copy():
 
 def test_batches_are_a_function_of_seed_and_step():
     a, b = packed_batch(0, 5, batch_size=2, seq_len=128), packed_batch(0, 5, batch_size=2, seq_len=128)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    chex.assert_trees_all_equal(a, b, strict=True)
     c = packed_batch(0, 6, batch_size=2, seq_len=128)
     assert not np.array_equal(a["inputs"], c["inputs"])
 

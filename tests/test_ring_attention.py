@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,8 +161,7 @@ def test_rows_with_no_visible_key_are_zero_with_zero_gradient(layout):
     q_ids = jnp.asarray(rng.integers(0, 4, (B, L)), jnp.int32)  # id 3 has no key anywhere
     fn = ring_fn(R, causal=True, layout=layout, segment_ids=(q_ids, kv_ids))
     out, (dq, dk, dv) = output_and_grads(fn, q, k, v, d_out)
-    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert np.all(np.isfinite(np.asarray(x))), f"{name} has non-finite values"
+    chex.assert_tree_all_finite(dict(out=out, dq=dq, dk=dk, dv=dv))
     blind = np.asarray(q_ids == 3)
     assert blind.any()
     np.testing.assert_array_equal(np.asarray(out)[blind], 0.0)

@@ -3,7 +3,7 @@ writes a self-contained folder whose provenance is read from the run itself."""
 
 import json
 
-import jax
+import chex
 import numpy as np
 import pytest
 
@@ -32,8 +32,7 @@ def test_export_writes_the_run_and_its_provenance(tmp_path):
     assert provenance["needle_accuracy"] == json.loads((workdir / "needle.json").read_text())["accuracy"]
     (config, params), (config_out, params_out) = load_model(workdir), load_model(out)
     assert config_out == config
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_out)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(params_out, params)
 
 
 def test_export_needs_the_needle_grid(tmp_path, capsys):

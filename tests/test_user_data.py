@@ -5,6 +5,7 @@ answers, the loader's state, and bad input named with its file and line."""
 import gzip
 import json
 
+import chex
 import numpy as np
 import pytest
 
@@ -363,7 +364,7 @@ def test_epochs_reshuffle_and_a_loader_restored_in_the_second_continues_the_same
     resumed.restore(state)
     for step in range(10, 16):
         want, got = loader.batch(step, 2, 64), resumed.batch(step, 2, 64)
-        assert all(np.array_equal(want[k], got[k]) for k in want)
+        chex.assert_trees_all_equal(got, want, strict=True)
 
 
 def test_a_resume_on_changed_files_is_refused(tmp_path):
