@@ -93,7 +93,10 @@ def attention_bwd(
     v, d_out = (pad_head(x.astype(dtype), v_dim) for x in (v, d_out))
     lse, delta = lse.astype(jnp.float32), delta.astype(jnp.float32)
 
-    q_tiling, kv_tiling = Tiling.make(T, block_q, MAX_TILE, MIN_TILE), Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
+    # Past a padded q/k dim of 128 (MLA's 192 runs as 256), 64-row query tiles need more than the
+    # 255 registers a thread may have in the dk/dv kernel, which then spills; 32 rows do not.
+    q_cap = MAX_TILE if qk_dim <= 128 else MAX_TILE // 2
+    q_tiling, kv_tiling = Tiling.make(T, block_q, q_cap, MIN_TILE), Tiling.make(S, block_kv, MAX_TILE, MIN_TILE)
     q_ids, kv_ids = pad_segment_ids(q_segment_ids, kv_segment_ids, q_tiling, kv_tiling)
     q, d_out, lse, delta = q_tiling.pad(q), q_tiling.pad(d_out), q_tiling.pad(lse, axis=2), q_tiling.pad(delta, axis=2)
     k, v = kv_tiling.pad(k), kv_tiling.pad(v)
