@@ -198,7 +198,8 @@ def build_parser():
     length.add_argument("--max-seq-len", action="store_true",
                         help="the longest power-of-two length from 32768 whose step fits")
     plan.add_argument("--topology", required=True,
-                      help="'v5p:4x4x4' (TPU v5p chips), 'h100:8' (one host), 'h100:4x8' (hosts x GPUs)")
+                      help="'h100:8', 'a100:8', 'h200:8', 'b200:8' (GPUs on one host), 'h100:4x8' (hosts x GPUs), "
+                           "'v4:2x2x2', 'v5p:4x4x4' (TPU chips, 3D torus), 'v5e:4x4', 'v6e:2x4' (TPU chips, 2D torus)")
     plan.add_argument("--mesh", type=_mesh, default=None,
                       help="e.g. 'sp=32,tp=2' (axes left out are 1; default: sp = every chip, parameters "
                            "and optimizer state sharded over it)")

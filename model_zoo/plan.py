@@ -1,12 +1,15 @@
 """`python -m model_zoo plan`: the model zoo's training step compiled, deviceless, for a GPU or TPU
-topology, and what the compiler says about it per chip.
+topology (A100, H100, H200, B200; TPU v4, v5e, v5p, v6e: `ring_attn.aot.TOPOLOGY_FORMS`), and what
+the compiler says about it per chip.
 
 Compiled, not run: memory is XLA's own buffer assignment for the target (`memory_analysis()`),
-the kernels and the ring's schedule are read from the compiled program (`ring_attn.aot`); the
-step time is the cost model's estimate. Needs the `aot` extra and `JAX_PLATFORMS=cpu`.
+against the chip's memory in `ring_attn.chips`; the kernels and the ring's schedule are read from
+the compiled program (`ring_attn.aot`); the step time is the cost model's estimate for that chip
+(`ring_attn.cost.CHIP_HARDWARE`). Needs the `aot` extra and `JAX_PLATFORMS=cpu`.
 """
 
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -23,8 +26,6 @@ from model_zoo.train import TrainConfig, make_optimizer, optimizer_state_shardin
 from ring_attn import aot, cost
 
 GiB = 2**30
-# The cost model's entry for each topology's chip.
-COST_HARDWARE = {"gpu": "h100-nvlink", "tpu": "tpu-v5p"}
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Plan:
     compile_s: float
     strategy: str
     predicted_step_s: float
+    note: str = ""  # why transfers are exposed, where the compiler's settings explain it
 
     @property
     def fits(self):
@@ -63,10 +65,28 @@ class Plan:
             f"  total                         {gib(self.total_bytes)} of {gib(self.chip_bytes)}: "
             + ("fits" if self.fits else f"does not fit, {gib(self.total_bytes - self.chip_bytes)} short"),
             f"  attention kernels             {self.kernels or 'none (jnp)'}",
-            f"  ring transfers exposed        {self.exposed} of {self.transfers}",
+            f"  ring transfers exposed        {self.exposed} of {self.transfers}"
+            + (f": {self.note}" if self.note else ""),
             f"  cost model                    strategy {self.strategy!r}, about {self.predicted_step_s:.2f} s a step",
         ]
         return "\n".join(lines)
+
+
+class CompilerOutOfMemory(ValueError):
+    """The compiler refused the step: its temporaries alone need more memory than a chip has (the
+    TPU compiler checks this; XLA's CUDA compiler leaves it to `Plan.fits`)."""
+
+
+def _compile(lowered, what):
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        if "CompileTimeHbmOom" not in text:
+            raise
+        # "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total ..."
+        sentence = text.split("CompileTimeHbmOom:", 1)[1].split(". HLO module", 1)[0].strip()
+        raise CompilerOutOfMemory(f"{what} does not fit: the compiler says: {sentence}") from None
 
 
 def default_mesh(topo: aot.Topology) -> dict:
@@ -77,8 +97,9 @@ def default_mesh(topo: aot.Topology) -> dict:
 
 def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | None = None,
          batch_size: int | None = None, progress=True) -> Plan:
-    """Compiles `model`'s training step (loss, gradients, AdamW update) for `topology` and
-    returns what the compiler says about it per chip."""
+    """Compiles `model`'s training step (loss, gradients, AdamW update) for `topology` (e.g.
+    'h100:8', 'b200:8', 'v6e:4x4'; `ring_attn.aot.TOPOLOGY_FORMS`) and returns what the compiler
+    says about it per chip."""
     topo = aot.topology(topology)
     axes = dict(default_mesh(topo), **(mesh_axes or {}))
     mesh = aot.mesh(topo, {a: axes[a] for a in MESH_AXES})
@@ -104,11 +125,12 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
     start = time.perf_counter()
     with _progress(f"compiling the training step for {topology}", progress), jax.set_mesh(mesh):
         step = train_step(tx, model, state_shardings=jax.tree.map(lambda s: s.sharding, state))
-        compiled = step.lower(state, batch).compile()
+        compiled = _compile(step.lower(state, batch), f"{seq_len:,} tokens x {batch_size} on {topology}")
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     transfers = aot.ring_transfers(text)
+    exposed = aot.exposed(transfers)
     state_bytes = _per_chip_bytes(state)
     batch_bytes = _per_chip_bytes(batch)
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -118,8 +140,22 @@ def plan(model: LWMConfig, *, seq_len: int, topology: str, mesh_axes: dict | Non
         topology=topology, mesh=axes, seq_len=seq_len, batch_size=batch_size, state_bytes=state_bytes,
         batch_bytes=batch_bytes, temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
         chip_bytes=topo.memory_per_chip, kernels=aot.kernels(text), transfers=len(transfers),
-        exposed=len(aot.exposed(transfers)), compile_s=compile_s, strategy=strategy, predicted_step_s=step_s,
+        exposed=len(exposed), compile_s=compile_s, strategy=strategy, predicted_step_s=step_s,
+        note=_exposure_note(topo, exposed),
     )
+
+
+def _exposure_note(topo, exposed):
+    """Why XLA left ring transfers exposed, where its defaults for the chip explain it: its CUDA
+    compiler schedules collectives to overlap compute (the latency-hiding scheduler) on Hopper and
+    newer only, and synchronously on older GPUs."""
+    device = aot.CUDA_DEVICES.get(topo.chip.key) if topo.chip is not None else None
+    if not exposed or device is None or device.compute_capability >= (9, 0):
+        return ""
+    if "xla_gpu_enable_latency_hiding_scheduler" in os.environ.get("XLA_FLAGS", ""):  # the user has chosen
+        return ""
+    return (f"XLA schedules collectives to overlap compute on Hopper and newer only; for {topo.chip.name} set "
+            "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true")
 
 
 def max_seq_len(model: LWMConfig, *, topology: str, mesh_axes=None, batch_size=None, start=32768, progress=True):
@@ -128,8 +164,13 @@ def max_seq_len(model: LWMConfig, *, topology: str, mesh_axes=None, batch_size=N
     best = None
     seq_len = start
     while True:
-        result = plan(model, seq_len=seq_len, topology=topology, mesh_axes=mesh_axes, batch_size=batch_size,
-                      progress=progress)
+        try:
+            result = plan(model, seq_len=seq_len, topology=topology, mesh_axes=mesh_axes, batch_size=batch_size,
+                          progress=progress)
+        except CompilerOutOfMemory as error:
+            if progress:
+                print(f"{seq_len:,} tokens: {error}", file=sys.stderr)
+            return (best.seq_len, best) if best else (None, None)
         if progress:
             print(f"{seq_len:,} tokens: {result.total_bytes / GiB:.2f} GiB of {result.chip_bytes / GiB:.2f}",
                   file=sys.stderr)
@@ -151,7 +192,7 @@ def _per_chip_bytes(tree):
 def _predicted(model, topo, axes, batch_size, seq_len):
     """The cost model's attention strategy and step time: its attention seconds per layer, plus
     the dense matmuls (forward, backward, and the recompute of remat="full") at the chip's peak."""
-    hardware = cost.HARDWARE[COST_HARDWARE[topo.platform]]
+    hardware = cost.HARDWARE[cost.CHIP_HARDWARE[topo.chip.key]]
     strategy, _ = attention_axes(model, axes)
     sequence_devices = axes["sp"] * axes["uly"]
     choice = cost.choose_strategy(
@@ -187,9 +228,10 @@ class _progress:
         while not self.done.wait(1.0):
             print(f"\r{self.what}: {time.perf_counter() - self.start:.0f} s", end="", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.enabled:
             self.done.set()
             if self.thread.is_alive():
                 self.thread.join()
-            print(f"\r{self.what}: done in {time.perf_counter() - self.start:.0f} s", file=sys.stderr)
+            ended = "done" if exc_type is None else "stopped"
+            print(f"\r{self.what}: {ended} in {time.perf_counter() - self.start:.0f} s", file=sys.stderr)

@@ -2,10 +2,11 @@
 program says about the ring.
 
 With `jax[cuda13]` and `libtpu` installed (the `aot` extra) and `JAX_PLATFORMS=cpu`,
-`jax.experimental.topologies` describes H100s or TPU v5p chips without the hardware, and
-`jax.jit(f).lower(*ShapeDtypeStructs).compile()` runs the real compilers for them (Triton, Mosaic
-GPU, Mosaic TPU included). That proves the kernels compile, their shared memory, the per-chip
-memory and the compiled schedule; it does not prove results are right or fast on the chip.
+`jax.experimental.topologies` describes A100, H100, H200 and B200 GPUs or TPU v4, v5e, v5p and v6e
+chips without the hardware, and `jax.jit(f).lower(*ShapeDtypeStructs).compile()` runs the real
+compilers for them (Triton, Mosaic GPU, Mosaic TPU included). That proves the kernels compile,
+their shared memory, the per-chip memory and the compiled schedule; it does not prove results are
+right or fast on the chip. Each chip's memory and peak are `ring_attn.chips`'s.
 
 `ring_transfers` reads the scheduled HLO (`compiled.as_text()`): a ring transfer is hidden when a
 kernel (or a step's `conditional` or loop holding one) runs between its `collective-permute-start`
@@ -16,58 +17,124 @@ layout's reorder and dk/dv's last hop home are not (nothing can run beside them)
 
 import dataclasses
 import functools
+import math
+import os
 import re
 
 import jax
 import numpy as np
 
+from ring_attn.chips import CHIPS, Chip
+
 RING_SCOPE = "ring_hop"  # the name scope of every ring transfer (see `ring._hop`)
 
-# An H100 SXM's GpuTargetConfig (the text XLA's deviceless compilation takes for the card).
-H100_TARGET_CONFIG = """gpu_device_info {
+
+@dataclasses.dataclass(frozen=True)
+class CudaDevice:
+    """A GPU as XLA's CUDA compiler describes it (its GpuDeviceInfo), with the figures of XLA's own
+    device specs (xla/backends/gpu/target_config/specs). Memory size: `Chip.device_memory_bytes`."""
+
+    compute_capability: tuple[int, int]
+    core_count: int  # SMs
+    fpus_per_core: int
+    shared_memory_per_core: int
+    shared_memory_per_block_optin: int  # what one block may ask for
+    l2_cache_size: int
+    clock_rate_ghz: float
+    memory_bandwidth: int  # bytes/s, from the memory clock and bus width the driver reports
+    description: str  # the device_kind the abstract devices then have
+
+
+# The GPUs that can be compiled for, by `ring_attn.chips` key (the topology's prefix: 'a100:8').
+CUDA_DEVICES = {
+    "a100": CudaDevice((8, 0), 108, 64, 167936, 166912, 41943040, 1.41, 2039040000000, "NVIDIA A100-SXM4-80GB"),
+    "h100": CudaDevice((9, 0), 132, 128, 233472, 232448, 52428800, 1.98, 3352320000000, "NVIDIA H100 80GB HBM3"),
+    "h200": CudaDevice((9, 0), 132, 128, 233472, 232448, 52428800, 1.98, 4800000000000, "NVIDIA H200 141GB HBM3e"),
+    "b200": CudaDevice((10, 0), 148, 128, 233472, 232448, 132644864, 1.965, 7672320000000, "NVIDIA B200"),
+}
+
+# The oldest CUDA whose PTX compiler generates code for each compute capability.
+CUDA_FOR_CAPABILITY = {(8, 0): (11, 0), (9, 0): (12, 0), (10, 0): (12, 8)}
+
+
+def cuda_target_config(key: str) -> str:
+    """The GpuTargetConfig text (what XLA's deviceless compilation takes for a card) of the GPU
+    `key` of `CUDA_DEVICES`."""
+    device, chip = CUDA_DEVICES[key], CHIPS[key]
+    major, minor = device.compute_capability
+    capability = f"    major: {major}\n" + (f"    minor: {minor}\n" if minor else "")
+    return f"""gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
   shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
+  shared_memory_per_core: {device.shared_memory_per_core}
   threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
+  core_count: {device.core_count}
+  fpus_per_core: {device.fpus_per_core}
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84929347584
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability {
-    major: 9
-  }
+  memory_bandwidth: {device.memory_bandwidth}
+  l2_cache_size: {device.l2_cache_size}
+  clock_rate_ghz: {device.clock_rate_ghz}
+  device_memory_size: {int(chip.program_memory_bytes)}
+  shared_memory_per_block_optin: {device.shared_memory_per_block_optin}
+  cuda_compute_capability {{
+{capability}  }}
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
-}
+}}
 platform_name: "CUDA"
-dnn_version_info {
+dnn_version_info {{
   major: 9
   minor: 3
-}
-device_description_str: "NVIDIA H100 80GB HBM3"
+}}
+device_description_str: "{device.description}"
 """
-H100_SHARED_MEMORY_PER_BLOCK = 232448
-H100_MEMORY = 84929347584  # bytes, as the target config says (80 GiB less what the driver keeps)
-V5P_MEMORY = 95 * 2**30  # HBM per v5p chip
 
-TOPOLOGY_FORMS = "'h100:G' (G GPUs on one host), 'h100:HxG' (H hosts of G), or 'v5p:AxBxC' (chips)"
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """A TPU generation as libtpu's topology names it ('v6e:4x4')."""
+
+    libtpu_name: str
+    dims: int  # 3: a 3D torus of chips (v4, v5p); 2: a 2D one (v5e, v6e)
+    # "megacore": one device a chip over its two TensorCores (as JAX runs v4 and v5p);
+    # "default": one TensorCore a chip.
+    chip_config: str
+    host_bounds: tuple[int, int, int]  # the chips one host holds in a multi-host slice
+    one_host_chips: int  # a slice of up to this many chips is one host (v5e-8 and v6e-8: 2x4)
+
+
+# The TPUs that can be compiled for, by `ring_attn.chips` key.
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("v4", 3, "megacore", (2, 2, 1), 4),
+    "v5e": TpuGeneration("v5e", 2, "default", (2, 2, 1), 8),
+    "v5p": TpuGeneration("v5p", 3, "megacore", (2, 2, 1), 4),
+    "v6e": TpuGeneration("v6e", 2, "default", (2, 2, 1), 8),
+}
+
+H100_TARGET_CONFIG = cuda_target_config("h100")
+H100_SHARED_MEMORY_PER_BLOCK = CUDA_DEVICES["h100"].shared_memory_per_block_optin
+H100_MEMORY = int(CHIPS["h100"].program_memory_bytes)  # bytes: 80 GiB less what the driver keeps
+V5P_MEMORY = int(CHIPS["v5p"].program_memory_bytes)  # HBM per v5p chip
+
+TOPOLOGY_FORMS = (
+    "'a100:G', 'h100:G', 'h200:G' or 'b200:G' (G GPUs on one host; 'h100:HxG': H hosts of G each), "
+    "'v4:AxBxC' or 'v5p:AxBxC' (TPU chips, a 3D torus), 'v5e:AxB' or 'v6e:AxB' (TPU chips, a 2D torus)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """Abstract accelerators to compile for: `devices`, what a `jax.sharding.Mesh` takes."""
+    """Abstract accelerators to compile for: `devices`, what a `jax.sharding.Mesh` takes, each a
+    `chip` of `ring_attn.chips`."""
 
     name: str
     platform: str  # "gpu" or "tpu"
     devices: tuple
     memory_per_chip: int
+    chip: Chip | None = None
 
     @property
     def num_chips(self):
@@ -75,30 +142,92 @@ class Topology:
 
 
 def topology(name: str) -> Topology:
-    """The abstract devices of `name`: 'h100:8', 'h100:4x8' or a TPU v5p slice 'v5p:2x2x1',
-    'v5p:4x4x4' (chips, each one megacore device). Needs the `aot` extra and a CPU backend."""
+    """The abstract devices of `name`, `TOPOLOGY_FORMS`: 'a100:8', 'h100:4x8' (4 hosts of 8),
+    'h200:8', 'b200:8'; a TPU slice 'v4:2x2x1', 'v5p:4x4x4' (chips, each one megacore device) or
+    'v5e:2x2', 'v6e:4x4' (chips). Needs the `aot` extra and a CPU backend. A chip the installed
+    compilers cannot target raises RuntimeError saying what to install."""
+    kind, _, shape = name.partition(":")
+    dims = tuple(int(d) for d in shape.split("x")) if re.fullmatch(r"\d+(x\d+)*", shape) else ()
+    generation = TPU_GENERATIONS.get(kind)
+    gpus = kind in CUDA_DEVICES and len(dims) in (1, 2)
+    if not all(dims) or not (gpus or (generation is not None and len(dims) == generation.dims)):
+        raise ValueError(f"unknown topology {name!r}: expected {TOPOLOGY_FORMS}")
+    _check_compiler(kind)
+    chip = CHIPS[kind]
+    memory = int(chip.program_memory_bytes)
+    if gpus:
+        from jax.experimental import topologies
+
+        hosts, per_host = (1, *dims) if len(dims) == 1 else dims
+        desc = topologies.get_topology_desc(
+            platform="cuda", target_config=cuda_target_config(kind), topology=f"1x{hosts}x{per_host}"
+        )
+        return Topology(name, "gpu", tuple(desc.devices), memory, chip)
+    if math.prod(dims) <= generation.one_host_chips:
+        bounds = (*dims, 1, 1)[:3]
+    else:
+        bounds = tuple(min(d, b) for d, b in zip((*dims, 1), generation.host_bounds))
+    desc = _tpu_topology(name, chip, generation, f"{generation.libtpu_name}:{shape}", bounds)
+    return Topology(name, "tpu", tuple(desc.devices), memory, chip)
+
+
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+
+
+def _tpu_topology(name, chip, generation, libtpu_name, bounds):
+    """libtpu's description of the slice `name`, its errors said in words."""
     from jax.experimental import topologies
 
-    kind, _, shape = name.partition(":")
-    _check_compiler(kind)
-    dims = tuple(int(d) for d in shape.split("x")) if re.fullmatch(r"\d+(x\d+)*", shape) else ()
-    if kind == "h100" and len(dims) in (1, 2) and all(dims):
-        hosts, gpus = (1, *dims) if len(dims) == 1 else dims
-        desc = topologies.get_topology_desc(
-            platform="cuda", target_config=H100_TARGET_CONFIG, topology=f"1x{hosts}x{gpus}"
+    try:
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=libtpu_name, chip_config_name=generation.chip_config,
+            chips_per_host_bounds=bounds, num_slices=1,
         )
-        return Topology(name, "gpu", tuple(desc.devices), H100_MEMORY)
-    if kind == "v5p" and len(dims) == 3 and all(dims):
-        bounds = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
-        desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, chip_config_name="megacore", chips_per_host_bounds=bounds,
-            num_slices=1,
-        )
-        return Topology(name, "tpu", tuple(desc.devices), V5P_MEMORY)
-    raise ValueError(f"unknown topology {name!r}: expected {TOPOLOGY_FORMS}")
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        message = text.strip().splitlines()[0] if text.strip() else text
+        if LIBTPU_LOCKFILE in text:  # libtpu's own advice (remove the lock) would break the other process
+            holder = _lock_holder(LIBTPU_LOCKFILE)
+            other = "another process" if holder is None else f"another process (pid {holder})"
+            raise RuntimeError(
+                f"{other} on this host is compiling for TPU: libtpu runs one TPU compilation per host at a "
+                "time; wait for the other one to finish, then run this again"
+            ) from None
+        if "Invalid TPU external name" in text or "Failed to obtain chip config" in text:
+            raise RuntimeError(
+                f"the installed libtpu {_version('libtpu')} cannot compile for {chip.name} ({message}): "
+                "install a newer one, pip install -U libtpu (or pip install -e '.[aot]' from a newer checkout)"
+            ) from None
+        if "not divisible" in text:
+            raise ValueError(
+                f"topology {name!r} does not divide into hosts of {'x'.join(map(str, bounds))} chips (libtpu: "
+                f"{message}): expected a slice that TPU hosts tile, e.g. 2x4, 4x4, 8x8 (v5e, v6e) or 2x2x2, 4x4x4 "
+                "(v4, v5p)"
+            ) from None
+        raise
 
 
-_COMPILERS = {"h100": ("jax_plugins.xla_cuda13", "XLA's CUDA compiler"), "v5p": ("libtpu", "libtpu")}
+def _lock_holder(path):
+    """The id of the process that holds the lock on `path` (from /proc/locks), or None where that
+    cannot be told."""
+    try:
+        stat = os.stat(path)
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    file_id = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    for line in lines:  # "1: POSIX  ADVISORY  WRITE 22081 fe:00:2146442 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[5] == file_id and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+_COMPILERS = {"gpu": ("jax_plugins.xla_cuda13", "XLA's CUDA compiler"), "tpu": ("libtpu", "libtpu")}
+# The pip packages that bring a PTX compiler (the CUDA wheels' nvJitLink and ptxas).
+_PTX_COMPILERS = ("nvidia-nvjitlink", "nvidia-cuda-nvcc", "nvidia-nvjitlink-cu13", "nvidia-cuda-nvcc-cu13",
+                  "nvidia-nvjitlink-cu12", "nvidia-cuda-nvcc-cu12")
 
 
 def _installed(module):
@@ -110,12 +239,43 @@ def _installed(module):
         return False
 
 
+def _version(package):
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def ptx_compiler():
+    """The newest PTX compiler the installed CUDA wheels bring: ((major, minor), 'package version'),
+    or None where there is none (a CUDA found elsewhere, whose version this cannot tell)."""
+    found = []
+    for package in _PTX_COMPILERS:
+        if (version := _version(package)) and (m := re.match(r"(\d+)\.(\d+)", version)):
+            found.append(((int(m.group(1)), int(m.group(2))), f"{package} {version}"))
+    return max(found, default=None)
+
+
 def missing_compiler(kind=None) -> str | None:
-    """Why compiling for `kind` ("h100", "v5p"; None: both) cannot happen here, or None."""
-    for name, (module, what) in _COMPILERS.items():
-        if kind in (None, name) and not _installed(module):
+    """Why compiling for `kind` cannot happen here, or None. `kind`: a chip of `CUDA_DEVICES` or
+    `TPU_GENERATIONS` ("a100", "v6e", ...), whose compiler must be installed and able to target it;
+    None: whether the `aot` extra's compilers are installed at all."""
+    kinds = ["h100", "v5p"] if kind is None else [kind]
+    for name in kinds:
+        module, what = _COMPILERS[CHIPS[name].platform]
+        if not _installed(module):
             return (f"compiling for {name} needs {what}, which is not installed: pip install -e '.[aot]' "
                     "(Python 3.12), and run with JAX_PLATFORMS=cpu")
+    if kind in CUDA_DEVICES:
+        capability = CUDA_DEVICES[kind].compute_capability
+        needed = CUDA_FOR_CAPABILITY[capability]
+        found = ptx_compiler()
+        if found is not None and found[0] < needed:
+            return (f"compiling for {kind} (compute capability {'.'.join(map(str, capability))}) needs CUDA "
+                    f"{'.'.join(map(str, needed))} or newer, and the newest PTX compiler installed is {found[1]}: "
+                    "pip install -U 'jax[cuda13]' (or pip install -e '.[aot]')")
     return None
 
 

@@ -22,6 +22,8 @@ bandwidth it can use; a strategy's time is its compute plus what the compute doe
 import dataclasses
 import math
 
+from ring_attn.chips import CHIPS
+
 GiB = 2**30
 FLOAT32 = 4
 
@@ -52,39 +54,51 @@ class Hardware:
             object.__setattr__(self, "collective_bytes_per_s", self.bytes_per_s)
 
 
-# Compute and link: RingAttention's Table 2 rows (its TPU links are of the order of a chip's whole
-# ICI bandwidth, e.g. v5e 1,600 Gbit/s = 186 GiB/s, so they also stand for the collectives and
-# flatter a one-direction ring; kept as published), then Hopper (NVLink 4: 900 GB/s both ways,
-# 450 GB/s one way). Behind NVSwitch one send already uses all of a GPU's NVLinks, so collectives
-# get the same bandwidth. Memory and HBM bandwidth: NVIDIA's A100 80GB SXM (2,039 GB/s), H100 SXM
-# (80 GB, 3.35 TB/s) and H200 SXM (141 GB, 4.8 TB/s) datasheets; Google Cloud's TPU v3 (32 GiB,
-# 900 GB/s), v4 (32 GiB, 1,200 GB/s), v5e (16 GiB, 819 GB/s) and v5p pages. TPU v5p: 459 TFLOP/s
-# bf16, 95 GiB at 2,765 GB/s, ICI 4,800 Gbit/s per chip over the 6 links of its 3D torus, i.e.
-# 100 GB/s per link direction for a ring and 600 GB/s for a collective over all six.
+# Compute, memory and HBM bandwidth: the chips' spec sheets (`ring_attn.chips`). Links:
+# RingAttention's Table 2 rows for A100 (NVLink 300 GB/s, InfiniBand 12.5 GB/s) and TPU v4 and v5e
+# (its TPU links are of the order of a chip's whole ICI bandwidth, e.g. v5e 1,600 Gbit/s = 186 GiB/s,
+# so they also stand for the collectives and flatter a one-direction ring; kept as published), then
+# NVLink 4 for Hopper (900 GB/s both ways, 450 GB/s one way) and NVLink 5 for Blackwell (1.8 TB/s,
+# 900 GB/s). Behind NVSwitch one send already uses all of a GPU's NVLinks, so collectives get the
+# same bandwidth. TPU v5p: ICI 4,800 Gbit/s per chip over the 6 links of its 3D torus, i.e. 100 GB/s
+# per link direction for a ring and 600 GB/s for a collective over all six; v6e: 3,584 Gbit/s over
+# the 4 links of its 2D torus, 112 GB/s and 448 GB/s. TPU v3 (not in `ring_attn.chips`): 123
+# TFLOP/s bf16, 32 GiB at 900 GB/s, RingAttention's link.
 # Step latencies are this model's assumptions, not measurements: a few microseconds of link
 # latency plus a kernel launch and a synchronisation per step (more over InfiniBand and between
 # host devices). "cpu": a modest host, its devices exchanging by memory copies.
+
+
+def _chip_hardware(name, chip, bytes_per_s, **links):
+    """A `Hardware` whose compute and memory are `ring_attn.chips`'s figures for `chip`."""
+    spec = CHIPS[chip]
+    return Hardware(name, spec.flops_per_s, bytes_per_s, memory_bytes=spec.memory_bytes,
+                    hbm_bytes_per_s=spec.hbm_bytes_per_s, **links)
+
+
 HARDWARE = {
-    "a100-nvlink": Hardware(
-        "A100 NVLink", 312e12, 300e9, memory_bytes=80e9, step_latency_s=10e-6, hbm_bytes_per_s=2.039e12
-    ),
-    "a100-infiniband": Hardware(
-        "A100 InfiniBand", 312e12, 12.5e9, memory_bytes=80e9, step_latency_s=20e-6, hbm_bytes_per_s=2.039e12
-    ),
+    "a100-nvlink": _chip_hardware("A100 NVLink", "a100", 300e9, step_latency_s=10e-6),
+    "a100-infiniband": _chip_hardware("A100 InfiniBand", "a100", 12.5e9, step_latency_s=20e-6),
     "tpu-v3": Hardware("TPU v3", 123e12, 112e9, memory_bytes=32 * GiB, step_latency_s=5e-6, hbm_bytes_per_s=900e9),
-    "tpu-v4": Hardware("TPU v4", 275e12, 268e9, memory_bytes=32 * GiB, step_latency_s=5e-6, hbm_bytes_per_s=1.2e12),
-    "tpu-v5e": Hardware("TPU v5e", 196e12, 186e9, memory_bytes=16 * GiB, step_latency_s=5e-6, hbm_bytes_per_s=819e9),
-    "tpu-v5p": Hardware(
-        "TPU v5p", 459e12, 4800e9 / 8 / 6, memory_bytes=95 * GiB, collective_bytes_per_s=4800e9 / 8,
-        step_latency_s=5e-6, hbm_bytes_per_s=2.765e12,
+    "tpu-v4": _chip_hardware("TPU v4", "v4", 268e9, step_latency_s=5e-6),
+    "tpu-v5e": _chip_hardware("TPU v5e", "v5e", 186e9, step_latency_s=5e-6),
+    "tpu-v5p": _chip_hardware(
+        "TPU v5p", "v5p", 4800e9 / 8 / 6, collective_bytes_per_s=4800e9 / 8, step_latency_s=5e-6
     ),
-    "h100-nvlink": Hardware(
-        "H100 SXM NVLink", 989e12, 450e9, memory_bytes=80e9, step_latency_s=10e-6, hbm_bytes_per_s=3.35e12
+    "tpu-v6e": _chip_hardware(
+        "TPU v6e", "v6e", 3584e9 / 8 / 4, collective_bytes_per_s=3584e9 / 8, step_latency_s=5e-6
     ),
-    "h200-nvlink": Hardware(
-        "H200 SXM NVLink", 989e12, 450e9, memory_bytes=141e9, step_latency_s=10e-6, hbm_bytes_per_s=4.8e12
-    ),
+    "h100-nvlink": _chip_hardware("H100 SXM NVLink", "h100", 450e9, step_latency_s=10e-6),
+    "h200-nvlink": _chip_hardware("H200 SXM NVLink", "h200", 450e9, step_latency_s=10e-6),
+    "b200-nvlink": _chip_hardware("B200 NVLink", "b200", 900e9, step_latency_s=10e-6),
     "cpu": Hardware("host CPU", 1e11, 1e10, memory_bytes=16 * GiB, step_latency_s=50e-6, hbm_bytes_per_s=1e10),
+}
+
+# The entry that prices a ring of each chip of `ring_attn.chips` that `ring_attn.aot` compiles for:
+# the links within a host or slice.
+CHIP_HARDWARE = {
+    "a100": "a100-nvlink", "h100": "h100-nvlink", "h200": "h200-nvlink", "b200": "b200-nvlink",
+    "v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e",
 }
 
 # What `default_hardware` assumes for each `jax.default_backend()`; anything else is "cpu".

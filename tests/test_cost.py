@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 
 import reference
 from ring_attn import cost
+from ring_attn.chips import CHIPS
 
 
 @pytest.mark.parametrize(
@@ -106,6 +107,21 @@ def test_hardware_keeps_its_fields_and_fills_in_the_new_ones():
     for key, hw in cost.HARDWARE.items():
         assert 0 < hw.memory_bytes < float("inf") and hw.collective_bytes_per_s >= hw.bytes_per_s, key
     assert cost.HARDWARE["h200-nvlink"].memory_bytes == 141e9 and cost.HARDWARE["tpu-v5e"].memory_bytes == 16 * 2**30
+
+
+def test_hardware_takes_compute_and_memory_from_the_chips_table():
+    for chip_key, key in cost.CHIP_HARDWARE.items():
+        hw, chip = cost.HARDWARE[key], CHIPS[chip_key]
+        assert (hw.flops_per_s, hw.memory_bytes, hw.hbm_bytes_per_s) == (
+            chip.flops_per_s, chip.memory_bytes, chip.hbm_bytes_per_s), key
+    assert cost.HARDWARE["a100-infiniband"].hbm_bytes_per_s == CHIPS["a100"].hbm_bytes_per_s
+    # NVLink 5: 1.8 TB/s both ways, 900 GB/s a direction, behind NVSwitch for collectives too.
+    b200 = cost.HARDWARE["b200-nvlink"]
+    assert b200.bytes_per_s == 900e9 == b200.collective_bytes_per_s and b200.flops_per_s == 2.25e15
+    # v6e: 3,584 Gbit/s of ICI over the 4 links of its 2D torus.
+    v6e = cost.HARDWARE["tpu-v6e"]
+    assert v6e.bytes_per_s == pytest.approx(112e9) and v6e.collective_bytes_per_s == pytest.approx(448e9)
+    assert v6e.memory_bytes == 32 * 2**30
 
 
 @pytest.mark.parametrize("backend,key", [("tpu", "tpu-v5p"), ("gpu", "h100-nvlink"), ("cpu", "cpu"), ("METAL", "cpu")])
