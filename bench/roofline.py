@@ -91,7 +91,7 @@ def plot(infos, peaks, path):
                 ax.loglog([p["intensity"] for p in points], [p["flops"] / p["median_s"] / p["chips"] for p in points],
                           marker, color=colours[candidate], alpha=0.8, label=f"{candidate} {mode}")
     ax.set_xlabel("FLOPs per byte (bytes a fused kernel moves)")
-    ax.set_ylabel("FLOP/s per device")
+    ax.set_ylabel("FLOP/s per chip (on CPU: the whole host)")
     ax.set_title(f"{peaks['device_kind']}: {peaks['source']}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
