@@ -33,6 +33,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import roofline  # noqa: E402
+from checking import TOLERANCE, rel_err, with_gradients  # noqa: E402
 from timing import copy_ceiling, matmul_ceiling  # noqa: E402
 
 import reference  # noqa: E402
@@ -41,7 +42,6 @@ from ring_attn.cost import attention_bytes, attention_flops  # noqa: E402
 
 PROFILES = ("smoke", "default", "full")
 MODES = ("fwd", "bwd", "fwd+bwd")
-TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
 SEQ = P(None, "sp")
 
 
@@ -247,16 +247,6 @@ def random_inputs(case, dtype, seed=0):
     return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
 
 
-def with_gradients(fn):
-    """fn(q, k, v) -> (q, k, v, d_out) -> (out, (dq, dk, dv)): the forward and the backward, once each."""
-
-    def run(q, k, v, d_out):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, vjp(d_out)
-
-    return run
-
-
 def oracle(q, k, v, d_out, causal):
     """float64 out and gradients on the host CPU (a TPU has no float64), inputs upcast as given."""
     try:
@@ -268,11 +258,6 @@ def oracle(q, k, v, d_out, causal):
         attend = lambda q, k, v: reference.attention(q, k, v, causal=causal, dtype=jnp.float64)  # noqa: E731
         out, grads = jax.jit(with_gradients(attend))(*args)
         return np.asarray(out), [np.asarray(g) for g in grads]
-
-
-def rel_err(actual, expected):
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
 
 
 def against(peaks, info):

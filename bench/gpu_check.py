@@ -18,7 +18,6 @@ means nothing, and costs seconds a call). Needs nothing beyond jax and this chec
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -30,21 +29,16 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from checking import TOLERANCE, rel_err, write_report  # noqa: E402
 from timing import median_time  # noqa: E402
 
 import reference  # noqa: E402
 import ring_attn  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
 
-TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
 # Timed kernels by report name: the Triton kernels and the Mosaic GPU kernels.
 TRITON, MGPU = "ring_attn", "ring_attn_mgpu"
 IMPLS = {TRITON: "pallas_triton", MGPU: "pallas_mgpu"}
-
-
-def rel_err(actual, expected):
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
 
 
 def random_inputs(seed, B, L, N, K, H, dtype):
@@ -206,11 +200,7 @@ def main(argv=None):
     report["matmul_tflops"] = matmul_ceiling(ceiling_n, report_timing["runs"]) / 1e12
     timed = IMPLS if on_gpu else {TRITON: IMPLS[TRITON]}
     report["timing"] = timing(timed, on_gpu=on_gpu, **report_timing)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, args.out, "gpu_check", markdown(report))
     return report
 
 

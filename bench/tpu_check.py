@@ -27,7 +27,6 @@ tests/test_tpu_check_aot.py compiles exactly these for a TPU v5p without one.
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -44,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from checking import TOLERANCE, rel_err, with_gradients, write_report  # noqa: E402
 from timing import matmul_ceiling, median_time  # noqa: E402
 
 import reference  # noqa: E402
@@ -53,7 +53,6 @@ from ring_attn.chips import chip_for_device_kind  # noqa: E402
 from ring_attn.cost import attention_flops  # noqa: E402
 from ring_attn.ring_remote_dma import ring_attention_remote_dma  # noqa: E402
 
-TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 5e-2)}  # (forward, gradient), relative Frobenius
 SPLASH_BLOCK = 512  # splash's tiles as MaxText runs it on v5p (the library's default is 128)
 SEQ = P(None, "sp")
 
@@ -84,16 +83,6 @@ def swiglu_xla(x, w_gate, w_up, w_down):
     up = jnp.dot(x, w_up, preferred_element_type=jnp.float32)
     hidden = (jax.nn.silu(gate) * up).astype(w_down.dtype)
     return jnp.dot(hidden, w_down, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def with_gradients(fn):
-    """fn(*primals) -> (fn(*primals, cotangent) output, its gradients w.r.t. every primal)."""
-
-    def run(*args):
-        out, vjp = jax.vjp(fn, *args[:-1])
-        return out, vjp(args[-1])
-
-    return run
 
 
 def interpret_params(on_tpu):
@@ -144,11 +133,6 @@ def ring_programs(mesh, causal, on_tpu):
 
 
 # --- correctness --------------------------------------------------------------------------------
-
-
-def rel_err(actual, expected):
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
 
 
 def float64_on_host(fn, *arrays):
@@ -477,11 +461,7 @@ def main(argv=None):
     # The rings are timed on chips only: interpreted, every device's grid steps run through Python.
     timed_rings = ring_timing is not None and ring_size >= 2
     report["ring_timing"] = time_rings(mesh, runs=runs, on_tpu=on_tpu, **ring_timing) if timed_rings else []
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "tpu_check.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, args.out, "tpu_check", markdown(report))
     return report
 
 

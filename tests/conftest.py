@@ -1,7 +1,9 @@
 """Shared test setup: 8 simulated CPU devices, one tolerance table, one comparison, random inputs."""
 
 import functools
+import importlib.util
 import os
+import pathlib
 import threading
 
 # Before jax starts: a ring of up to 8 devices on the host CPU.
@@ -252,3 +254,13 @@ def mgpu_threads_compiled_once():
     thread_map._run_jaxpr = run
     yield
     thread_map._run_jaxpr = original
+
+
+@functools.cache
+def bench_script(name):
+    """The module of bench/<name>.py, loaded from its file: the benchmark scripts are not a package."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

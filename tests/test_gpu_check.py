@@ -1,17 +1,12 @@
 """bench/gpu_check.py runs end to end at tiny shapes (kernels interpreted), so it cannot rot."""
 
-import importlib.util
 import json
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+from conftest import bench_script
 
 
 def test_gpu_check_runs_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    report = gpu_check.main(["--tiny", "--out", str(tmp_path)])
+    report = bench_script("gpu_check").main(["--tiny", "--out", str(tmp_path)])
     assert report["correctness"] and all(r["ok"] for r in report["correctness"]), report["correctness"]
     assert report["timing"] and all("fwd_s" in r["ring_attn"] and "fwd_s" in r["xla"] for r in report["timing"])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())

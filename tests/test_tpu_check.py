@@ -1,17 +1,12 @@
 """bench/tpu_check.py runs end to end at tiny shapes (every TPU kernel interpreted), so it cannot rot."""
 
-import importlib.util
 import json
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "tpu_check.py"
+from conftest import bench_script
 
 
 def test_tpu_check_runs_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("tpu_check", SCRIPT)
-    tpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tpu_check)
-    report = tpu_check.main(["--tiny", "--out", str(tmp_path)])
+    report = bench_script("tpu_check").main(["--tiny", "--out", str(tmp_path)])
     checked = {r["kernel"] for r in report["correctness"]}
     assert checked == {"attention", "splash", "feedforward", "ring_ppermute_zigzag", "ring_remote_dma"}, checked
     assert all(r["ok"] for r in report["correctness"]), report["correctness"]

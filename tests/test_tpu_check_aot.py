@@ -9,13 +9,12 @@ here rather than interpret, as it would for the CPU backend.
 """
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bench_script
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_aot import missing
@@ -24,15 +23,10 @@ from ring_attn import aot
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "tpu_check.py"
 
 
-@functools.cache
 def tpu_check():
-    spec = importlib.util.spec_from_file_location("tpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("tpu_check")
 
 
 @functools.cache
