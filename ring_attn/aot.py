@@ -436,18 +436,26 @@ _THUNK = re.compile(
 )
 
 
-def cuda_kernels(dump_dir: str, prefix: str = "") -> list[CudaKernel]:
-    """The generated kernels of a CUDA compilation dumped with `compile(compiler_options=
-    {"xla_dump_to": dump_dir})`, each distinct launch (name, grid, threads, shared memory) once,
-    its `__N` copies folded, those named with `prefix` only. Mosaic GPU kernels are compiled by
-    JAX, not XLA, and are not listed."""
+def cuda_launches(dump_dir: str) -> list[CudaKernel]:
+    """Every kernel launch of a CUDA compilation dumped with `compile(compiler_options=
+    {"xla_dump_to": dump_dir})`, as XLA's thunk sequence lists it: a kernel's `__N` copies (each
+    a binary of its own) apart. Mosaic GPU kernels are compiled by JAX, not XLA, and are not listed."""
     import pathlib
 
-    found = {}
+    launches = []
     for path in sorted(pathlib.Path(dump_dir).glob("*thunk_sequence.txt")):
         for m in _THUNK.finditer(path.read_text()):
-            name = re.sub(r"__\d+$", "", m.group(1))
-            if name.startswith(prefix):
-                numbers = tuple(int(g) for g in m.groups()[1:])
-                found.setdefault((name, numbers), CudaKernel(name, numbers[0:3], numbers[3:6], numbers[6]))
-    return list(found.values())
+            numbers = tuple(int(g) for g in m.groups()[1:])
+            launches.append(CudaKernel(m.group(1), numbers[0:3], numbers[3:6], numbers[6]))
+    return launches
+
+
+def cuda_kernels(dump_dir: str, prefix: str = "") -> list[CudaKernel]:
+    """`cuda_launches`, each distinct launch (name, grid, threads, shared memory) once, its `__N`
+    copies folded, those named with `prefix` only."""
+    found = {}
+    for launch in cuda_launches(dump_dir):
+        kernel = dataclasses.replace(launch, name=re.sub(r"__\d+$", "", launch.name))
+        if kernel.name.startswith(prefix):
+            found.setdefault(kernel, kernel)
+    return list(found)

@@ -25,6 +25,7 @@ Needs the `aot` extra (XLA's CUDA compiler, with CUDA's ptxas) and JAX_PLATFORMS
 
 import contextlib
 import dataclasses
+import math
 import os
 import pathlib
 import pickletools
@@ -33,6 +34,8 @@ import shutil
 import struct
 import subprocess
 import tempfile
+
+from ring_attn import aot
 
 # --- the streaming multiprocessor -----------------------------------------------------------
 
@@ -468,22 +471,9 @@ def _dumped_ptx(xla_dump, prefix):
     return found
 
 
-# As `aot.cuda_kernels` reads the thunk sequence, but keeping each `__N` copy apart: each is a
-# kernel of its own, with its own binary.
-_THUNK_LAUNCH = re.compile(
-    r"kCustomKernel\s.*?\]\s+(\S+) grid: \[\d+, \d+, \d+\] threads: \[(\d+), (\d+), (\d+)\]\s+"
-    r"shared_memory: (\d+) bytes"
-)
-
-
 def _thunk_launches(xla_dump):
-    """Kernel name -> (threads, dynamic shared memory) of its launches in XLA's thunk sequence."""
-    found = {}
-    for path in sorted(pathlib.Path(xla_dump).glob("*thunk_sequence.txt")):
-        for m in _THUNK_LAUNCH.finditer(path.read_text()):
-            x, y, z, shared = (int(g) for g in m.groups()[1:])
-            found[m.group(1)] = (x * y * z, shared)
-    return found
+    """Kernel name (each `__N` copy its own) -> (threads, dynamic shared memory) of its launches."""
+    return {k.name: (math.prod(k.threads), k.shared_memory) for k in aot.cuda_launches(xla_dump)}
 
 
 _RESOURCES = re.compile(r"smem_scratch_bytes=(\d+)")
