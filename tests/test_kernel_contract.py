@@ -70,6 +70,8 @@ CASES = [
     # MLA: values of their own width, H given as (q/k, v). DeepSeek's 192/128 with GQA 4:2,
     # segments, soft-cap and sinks, on the diagonal and shifted.
     (1, 32, 32, 4, 2, (192, 128), 16, 16, True, None, True, jnp.float32, 2.0, True, [(0, 0), (5, 12)]),
+    # 192/128 at blocks of 64: Triton's backward takes 32-row query tiles past a q/k dim of 128.
+    (1, 64, 64, 2, 1, (192, 128), 64, 64, True, None, False, jnp.float32, None, False, [(0, 0)]),
     # 96/64 in bfloat16 under a bidirectional window; 64/32 causal, T != S; values wider than keys.
     (1, 16, 32, 4, 4, (96, 64), 8, 16, False, 6, False, jnp.bfloat16, None, False, [(3, 0)]),
     (1, 16, 32, 2, 1, (64, 32), 8, 8, True, None, False, jnp.float32, None, True, [(20, 8)]),
