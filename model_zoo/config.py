@@ -6,11 +6,12 @@ import math
 from ring_attn.context import STRATEGIES
 
 REMAT_POLICIES = ("none", "full", "dots")
-# LWM's vision vocabulary: VQGAN codes, then two specials.
+# LWM's vision vocabulary: 8192 VQGAN codes, then <eof> and <eov>, and 254 more reserved (8448 rows,
+# as LWM's checkpoints have them). A smaller VQGAN uses the first of the code rows.
 VQGAN_CODES = 8192
 EOF_TOKEN = 8192  # end of frame
 EOV_TOKEN = 8193  # end of vision
-TOKENS_PER_FRAME = 257  # 16 x 16 codes and <eof>
+VISION_VOCAB = 8448
 
 
 def check_positive_ints(obj, *names):
@@ -25,7 +26,7 @@ def check_positive_ints(obj, *names):
 class LWMConfig:
     """Hyper-parameters of the LLaMA decoder. Derived values are properties.
 
-    `vision=True` adds LWM's vision vocabulary (8192 VQGAN codes, <eof>, <eov>) with its own
+    `vision=True` adds LWM's vision vocabulary (8192 VQGAN codes, <eof>, <eov>, reserved rows) with its own
     embedding table and output head; a per-token mask chooses the table.
     """
 
@@ -81,7 +82,7 @@ class LWMConfig:
 
     @property
     def vision_vocab_size(self) -> int:
-        return VQGAN_CODES + 2 if self.vision else 0
+        return VISION_VOCAB if self.vision else 0
 
     @property
     def num_params(self) -> int:

@@ -49,37 +49,22 @@ def cache_length(longest_prompt, max_new_tokens, config, mesh):
 
 
 def generate(params, prompts, *, config, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-             stop_tokens=(), pad_id=0, on_tokens=None):
+             stop_tokens=(), pad_id=0, on_tokens=None, vision_masks=None):
     """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
     A row stops after emitting one of `stop_tokens`. `on_tokens(step, tokens)` is called with each
     step's new tokens (a numpy int array [len(prompts)]) as they come, for streaming.
+    `vision_masks`: per prompt, True where its token is a vision token (a clip to answer about).
     Returns the new tokens of each row (stop token included).
     """
     _check_sampling(max_new_tokens, temperature, top_p)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh = None if mesh.empty else mesh
     rows = len(prompts)
-    batch = rows if mesh is None else (
-        -(-rows // (mesh.shape["dp"] * mesh.shape["fsdp"])) * mesh.shape["dp"] * mesh.shape["fsdp"]
-    )
-    lengths = np.array([len(p) for p in prompts] + [1] * (batch - rows), np.int32)
-    L = cache_length(int(lengths.max()), max_new_tokens, config, mesh)
-    if L > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) needs {L} positions, "
-            f"more than max_position_embeddings={config.max_position_embeddings}"
-        )
-    tokens = np.full((batch, L), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    model_mesh(config, batch, L)  # validates shapes against the mesh
-    logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), config)
+    tokens, lengths, vision_mask = prompt_batch(prompts, max_new_tokens, config, pad_id, vision_masks)
+    logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), config,
+                             None if vision_mask is None else jnp.asarray(vision_mask))
     key = jax.random.key(seed)
     positions = jnp.asarray(lengths)
-    done = np.zeros(batch, bool)
+    done = np.zeros(len(tokens), bool)
     done[rows:] = True
     out = [[] for _ in range(rows)]
     stop = np.asarray(list(stop_tokens), np.int32)
@@ -98,9 +83,42 @@ def generate(params, prompts, *, config, max_new_tokens, temperature=0.0, top_p=
     return out
 
 
+def prompt_batch(prompts, max_new_tokens, config, pad_id=0, vision_masks=None):
+    """The prompts padded into one batch with room for `max_new_tokens`: (tokens [B, L], lengths [B],
+    vision mask [B, L] or None). B is rounded up to the mesh's data-parallel ranks with one-token
+    rows, L so that the ring's layout divides it."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if vision_masks is not None and [len(m) for m in vision_masks] != [len(p) for p in prompts]:
+        raise ValueError("vision_masks must hold one mask per prompt, each as long as its prompt")
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh = None if mesh.empty else mesh
+    rows = len(prompts)
+    batch = rows if mesh is None else (
+        -(-rows // (mesh.shape["dp"] * mesh.shape["fsdp"])) * mesh.shape["dp"] * mesh.shape["fsdp"]
+    )
+    lengths = np.array([len(p) for p in prompts] + [1] * (batch - rows), np.int32)
+    L = cache_length(int(lengths.max()), max_new_tokens, config, mesh)
+    if L > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) needs {L} positions, "
+            f"more than max_position_embeddings={config.max_position_embeddings}"
+        )
+    tokens = np.full((batch, L), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    vision_mask = None
+    if vision_masks is not None:
+        vision_mask = np.zeros((batch, L), bool)
+        for i, m in enumerate(vision_masks):
+            vision_mask[i, : len(m)] = m
+    model_mesh(config, batch, L)  # validates shapes against the mesh
+    return tokens, lengths, vision_mask
+
+
 @functools.partial(jax.jit, static_argnames="config")
-def _prefill(params, tokens, lengths, config):
-    x, cache = hidden_states(params, tokens, config=config, return_cache=True)
+def _prefill(params, tokens, lengths, config, vision_mask=None):
+    x, cache = hidden_states(params, tokens, config=config, vision_mask=vision_mask, return_cache=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return text_logits(params, last), cache
 

@@ -235,6 +235,13 @@ def decode_step(params, cache, tokens, positions, *, config):
     key/value if it owns that position, attends the token to its own shard, and one collective
     merges the partial results (`ring_attn.ring_decode`). Returns (float32 logits [B, V], cache).
     """
+    x, cache = decode_hidden(params, cache, tokens, positions, config=config)
+    return text_logits(params, x), cache
+
+
+def decode_hidden(params, cache, tokens, positions, *, config, vision_mask=None):
+    """`decode_step`'s final hidden state [B, D] and cache; tokens where `vision_mask` (bool [B, 1])
+    is True index the vision vocabulary."""
     B = tokens.shape[0]
     N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
     mesh = model_mesh(config, B, cache[0].shape[2])
@@ -252,9 +259,8 @@ def decode_step(params, cache, tokens, positions, *, config):
         x = x + blockwise_feedforward(h, p["w_gate"], p["w_up"], p["w_down"], chunk_size=1)
         return x, (k_cache, v_cache)
 
-    x, cache = lax.scan(layer, params["embed"][tokens], (params["layers"], cache))
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    return text_logits(params, x)[:, 0], cache
+    x, cache = lax.scan(layer, _embed(params, tokens, vision_mask), (params["layers"], cache))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps)[:, 0], cache
 
 
 def _decode_attention(q, k, v, k_cache, v_cache, positions, sinks, config, mesh):

@@ -56,7 +56,7 @@ def test_presets_and_overrides():
     assert 6.6e9 < LWM_7B.num_params < 6.8e9  # LLaMA-2 7B: 6.74B
     assert (LWM_7B_128K.rope_theta, LWM_7B_512K.rope_theta) == (1e7, 2.5e7)
     vision = LWM_7B.replace(vision=True)
-    assert vision.vision_vocab_size == 8194
+    assert vision.vision_vocab_size == 8448  # LWM's vision checkpoints' rows
     assert preset("tiny") is TINY
     with pytest.raises(ValueError, match=r"unknown LWMConfig field\(s\) \['hidden'\]"):
         TINY.replace(hidden=3)
