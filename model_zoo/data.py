@@ -155,9 +155,15 @@ def packed_batch(
     return batch
 
 
-def empty_batch(rows, seq_len):
+def empty_batch(rows, seq_len, vision=False):
+    """Zeros: int32 inputs, targets, segment_ids, positions and float32 loss_mask [rows, seq_len];
+    with `vision`, also bool vision_inputs and vision_targets (the input, the target, is a vision
+    token: it indexes the vision vocabulary)."""
     batch = {name: np.zeros((rows, seq_len), np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
     batch["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+    if vision:
+        for name in ("vision_inputs", "vision_targets"):
+            batch[name] = np.zeros((rows, seq_len), bool)
     return batch
 
 

@@ -10,7 +10,10 @@ a file far bigger than memory is read a document at a time. The index of a file 
 modification time; a `.jsonl.gz` is decompressed once into that cache, since gzip cannot seek.
 
 A record is a text document (a `str`) or a conversation: `{"messages": [{"role", "content"}, ...]}`
-(roles system, user, assistant), also made from a row's `prompt` + `completion`.
+(roles system, user, assistant), also made from a row's `prompt` + `completion`; in a run with
+vision (`vision`, a `model_zoo.vision_data.VisionSpec`), a row with a `vision`, `video` or `image`
+field is a vision row (`model_zoo.vision_data.VisionRecord`); in a run without, such a row is
+refused unless it has the text field.
 """
 
 import codecs
@@ -30,6 +33,7 @@ import numpy as np
 INDEX_VERSION = 1
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt", ".arrayrecord", ".array_record")
 ROLES = ("system", "user", "assistant")
+VISION_KEYS = ("vision", "video", "image")  # a row holding one is a vision row
 
 
 class DataError(ValueError):
@@ -58,10 +62,17 @@ def resolve_files(patterns) -> list[pathlib.Path]:
     return paths
 
 
-def record_from_row(row, where: str, field: str):
-    """A text document (str, possibly empty) or a conversation from one JSON-like row."""
+def record_from_row(row, where: str, field: str, vision=None, base=None):
+    """A text document (str, possibly empty), a conversation or a vision row (`vision`: the run's
+    VisionSpec, None without vision; `base`: the folder relative image and video names start from)
+    from one JSON-like row."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    # Without vision, a text row may carry an `image` column (a URL, say): its text field decides.
+    if any(key in row for key in VISION_KEYS) and (vision is not None or field not in row):
+        from model_zoo.vision_data import vision_record
+
+        return vision_record(row, where, field, vision, base)
     if field in row:
         text = row[field]
         if not isinstance(text, str):
@@ -96,6 +107,8 @@ def _checked_messages(messages, where):
 
 
 def is_empty(record) -> bool:
+    if not isinstance(record, str | dict):  # a vision row
+        return False
     if isinstance(record, str):
         return not record
     return not any(m["content"] for m in record["messages"] if m["role"] == "assistant")
@@ -108,13 +121,13 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: invalid UTF-8 (byte {error.start}: {raw[error.start:error.start + 1]!r})") from None
 
 
-def _json_row(raw: bytes, where: str, field: str):
+def _json_row(raw: bytes, where: str, field: str, vision=None, base=None):
     text = _decode(raw, where)
     try:
         row = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
-    return record_from_row(row, where, field)
+    return record_from_row(row, where, field, vision, base)
 
 
 @dataclasses.dataclass
@@ -129,6 +142,11 @@ def _file_key(path: pathlib.Path, *extra) -> str:
     stat = path.stat()
     fields = (INDEX_VERSION, path.resolve(), stat.st_size, stat.st_mtime_ns, *extra)
     return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:32]
+
+
+def _scan_key(field: str, vision) -> str:
+    """What a file's index depends on besides the file: the text field, and how vision rows are checked."""
+    return field if vision is None else f"{field}|{vision.cache_key()}"
 
 
 def _cached_index(path: pathlib.Path, field: str, scan) -> _Index:
@@ -192,17 +210,17 @@ _OPEN_FILES = _OpenFiles()
 class JsonLinesFile:
     """A JSON object a line; the index holds each document's byte offset."""
 
-    def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field = path, field
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
+        self.path, self.field, self.vision = path, field, vision
         self._text_path = path
-        self.index = _cached_index(path, field, self._scan)
+        self.index = _cached_index(path, _scan_key(field, vision), self._scan)
 
     def _scan(self) -> _Index:
         offsets, empty, offset = [], 0, 0
         with open(self._text_path, "rb") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
-                    if is_empty(_json_row(line, f"{self.path}:{number}", self.field)):
+                    if is_empty(_json_row(line, f"{self.path}:{number}", self.field, self.vision, self.path.parent)):
                         empty += 1
                     else:
                         offsets.append(offset)
@@ -212,18 +230,19 @@ class JsonLinesFile:
     def __getitem__(self, locator):
         lines = _OPEN_FILES.get(self._text_path, lambda: open(self._text_path, "rb"))
         lines.seek(int(locator))
-        return _json_row(lines.readline(), f"{self.path} at byte {locator}", self.field)
+        return _json_row(lines.readline(), f"{self.path} at byte {locator}", self.field, self.vision,
+                         self.path.parent)
 
 
 class GzipJsonLinesFile(JsonLinesFile):
     """A `.jsonl.gz`: decompressed once into the cache (gzip cannot seek), then read as JSON lines."""
 
-    def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field = path, field
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
+        self.path, self.field, self.vision = path, field, vision
         self._text_path = cache_dir() / f"{_file_key(path)}.jsonl"
         if not self._text_path.is_file():  # an index cached without its decompressed copy is stale
-            (cache_dir() / f"{_file_key(path, field)}.npz").unlink(missing_ok=True)
-        self.index = _cached_index(path, field, self._decompress_and_scan)
+            (cache_dir() / f"{_file_key(path, _scan_key(field, vision))}.npz").unlink(missing_ok=True)
+        self.index = _cached_index(path, _scan_key(field, vision), self._decompress_and_scan)
 
     def _decompress_and_scan(self) -> _Index:
         try:
@@ -249,7 +268,7 @@ class GzipJsonLinesFile(JsonLinesFile):
 class TextFile:
     """A plain-text file is one document."""
 
-    def __init__(self, path: pathlib.Path, field: str):
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
         self.path = path
         self.index = _cached_index(path, "", self._scan)
 
@@ -285,9 +304,9 @@ def _lines_before_bad_byte(chunk: bytes) -> int:
 class ArrayRecordFile:
     """An ArrayRecord file whose records are JSON objects, as JSON lines hold them."""
 
-    def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field = path, field
-        self.index = _cached_index(path, field, self._scan)
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
+        self.path, self.field, self.vision = path, field, vision
+        self.index = _cached_index(path, _scan_key(field, vision), self._scan)
 
     def _open(self):
         def opener():
@@ -307,7 +326,8 @@ class ArrayRecordFile:
             for start in range(0, reader.num_records(), chunk):  # in ranges: a chunk is decoded once
                 raws = reader.read(start, min(start + chunk, reader.num_records()))
                 for number, raw in enumerate(raws, start):
-                    if is_empty(_json_row(raw, f"{self.path} record {number}", self.field)):
+                    record = _json_row(raw, f"{self.path} record {number}", self.field, self.vision, self.path.parent)
+                    if is_empty(record):
                         empty += 1
                     else:
                         records.append(number)
@@ -319,13 +339,17 @@ class ArrayRecordFile:
 
     def __getitem__(self, locator):
         raw = self._open().read([int(locator)])[0]
-        return _json_row(raw, f"{self.path} record {locator}", self.field)
+        return _json_row(raw, f"{self.path} record {locator}", self.field, self.vision, self.path.parent)
 
 
 class _TableFile:
     """Rows of an Arrow table (Parquet row groups, or a Hugging Face dataset's memory-mapped Arrow files)."""
 
+    base = None  # the folder that relative image and video names start from
+
     def _columns(self, schema_names):
+        if any(key in schema_names for key in VISION_KEYS):
+            return list(schema_names)  # each row is checked as a vision row (refused without vision)
         if self.field in schema_names:
             return [self.field]
         for columns in (["messages"], ["prompt", "completion"]):
@@ -339,7 +363,7 @@ class _TableFile:
         rows = zip(*(table.column(c).to_pylist() for c in self.columns))
         for number, values in enumerate(rows, first_row):
             row = dict(zip(self.columns, values))
-            yield number, record_from_row(row, f"{self.path} row {number}", self.field)
+            yield number, record_from_row(row, f"{self.path} row {number}", self.field, self.vision, self.base)
 
     def _scan_tables(self, tables) -> _Index:
         rows, empty, first = [], 0, 0
@@ -359,14 +383,14 @@ class ParquetFile(_TableFile):
 
     GROUPS_KEPT = 4
 
-    def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field = path, field
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
+        self.path, self.field, self.vision, self.base = path, field, vision, path.parent
         self._groups = collections.OrderedDict()
         file = self._open()
         self.columns = self._columns(file.schema_arrow.names)
         metadata = file.metadata
         self._group_starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
-        self.index = _cached_index(path, field, lambda: self._scan_tables(
+        self.index = _cached_index(path, _scan_key(field, vision), lambda: self._scan_tables(
             self._read_group(g) for g in range(metadata.num_row_groups)))
 
     def _open(self):
@@ -401,8 +425,8 @@ class ParquetFile(_TableFile):
 class HFDiskDataset(_TableFile):
     """A Hugging Face dataset folder from `save_to_disk`: its Arrow files memory-mapped, as `datasets` does."""
 
-    def __init__(self, path: pathlib.Path, field: str):
-        self.path, self.field = path, field
+    def __init__(self, path: pathlib.Path, field: str, vision=None):
+        self.path, self.field, self.vision, self.base = path, field, vision, path
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
             raise DataError(f"{path} holds a DatasetDict with splits {splits}: give one split's folder, "
@@ -414,7 +438,8 @@ class HFDiskDataset(_TableFile):
         self._files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
         self._table = None
         self.columns = self._columns(self._open().schema.names)
-        self.index = _cached_index(state, field, lambda: self._scan_tables(self._open().to_batches()))
+        self.index = _cached_index(state, _scan_key(field, vision),
+                                   lambda: self._scan_tables(self._open().to_batches()))
 
     def _open(self):
         if self._table is None:
@@ -433,29 +458,31 @@ class HFDiskDataset(_TableFile):
         return next(self._records(self._open().slice(int(locator), 1), int(locator)))[1]
 
 
-def open_file(path: pathlib.Path, field: str):
+def open_file(path: pathlib.Path, field: str, vision=None):
     name = path.name.lower()
     if path.is_dir():
-        return HFDiskDataset(path, field)
+        return HFDiskDataset(path, field, vision)
     if name.endswith(".jsonl.gz"):
-        return GzipJsonLinesFile(path, field)
+        return GzipJsonLinesFile(path, field, vision)
     readers = {".jsonl": JsonLinesFile, ".parquet": ParquetFile, ".txt": TextFile,
                ".arrayrecord": ArrayRecordFile, ".array_record": ArrayRecordFile}
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unknown kind of file; --data takes {', '.join(SUFFIXES)} files "
                         "and Hugging Face dataset folders (save_to_disk)")
-    return readers[path.suffix.lower()](path, field)
+    return readers[path.suffix.lower()](path, field, vision)
 
 
 class Documents:
     """Every non-empty document of `files` (paths or globs), in file order: `len` and `[i]`, which
-    is what Grain's `MapDataset.source` needs. `empty` counts the empty ones skipped."""
+    is what Grain's `MapDataset.source` needs. `empty` counts the empty ones skipped. `vision`:
+    the run's `model_zoo.vision_data.VisionSpec`, None (a text-only run refuses vision rows)."""
 
-    def __init__(self, files, field: str = "text"):
+    def __init__(self, files, field: str = "text", vision=None):
         if not isinstance(field, str) or not field:
             raise DataError(f"--data-field must be a non-empty string, got {field!r}")
         self.paths = resolve_files(files)
-        self.files = [open_file(p, field) for p in self.paths]
+        self.vision = vision
+        self.files = [open_file(p, field, vision) for p in self.paths]
         counts = [len(f.index.locators) for f in self.files]
         self._starts = np.cumsum([0] + counts)
         self.empty = sum(f.index.empty for f in self.files)

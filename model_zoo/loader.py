@@ -15,6 +15,10 @@ its own with positions from 0. A shard's position is (document, token offset), w
 a checkpoint needs to resume the stream bit for bit, and which carries over when a context stage
 changes the row length. (Grain's own packers keep a buffer tied to one row length.)
 
+With vision (`vision`, a `model_zoo.vision_data.VisionSpec`), vision rows go through the same
+shuffle, sharding and packing, and batches carry two more masks: `vision_inputs` (the input is a
+vision token) and `vision_targets` (the target is). Without it, batches hold only the text keys.
+
 With `needle_fraction` and the other row kinds of `model_zoo.data`, a row's kind is drawn per row
 (from the seed, the step and the row, so in any process alike); the haystack of a retrieval,
 repeat or copy row is the text of the row it replaces, topped up from the rows after it.
@@ -30,10 +34,20 @@ from model_zoo.documents import DataError
 SYSTEM_PROMPT = chat_prompt("\x00").split(" USER:")[0]  # "You are a helpful assistant."
 
 
-def encode_record(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def encode_record(record, tokenizer, vision=None) -> tuple[np.ndarray, ...]:
     """(ids, loss mask) of one document: bos, text, eos, every token trained on; or a conversation
     in the chat template (`model_zoo.corpus.CHAT_TEMPLATE`), each assistant answer followed by eos,
-    only the answers and their eos trained on."""
+    only the answers and their eos trained on. With `vision` (the run's VisionSpec): (ids, loss
+    mask, vision mask), a vision row laid out by `model_zoo.vision_data.encode_vision_record`."""
+    if vision is not None:
+        if not isinstance(record, str | dict):
+            from model_zoo.vision_data import encode_vision_record
+
+            return encode_vision_record(record, tokenizer, vision)
+        ids, mask = encode_record(record, tokenizer)
+        return ids, mask, np.zeros(len(ids), bool)
+    if not isinstance(record, str | dict):
+        raise DataError(f"{record.where}: a vision row, but the model has vision=False")
     if isinstance(record, str):
         ids = [tokenizer.bos_id, *tokenizer.encode(record), tokenizer.eos_id]
         return np.asarray(ids, np.int32), np.ones(len(ids), np.float32)
@@ -66,14 +80,15 @@ def _turn(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 class ShardStream:
     """One data shard's documents, tokenized, packed into rows of any length in turn."""
 
-    def __init__(self, documents, tokenizer, *, seed: int, shard: int, num_shards: int):
+    def __init__(self, documents, tokenizer, *, seed: int, shard: int, num_shards: int, vision=None):
         if len(documents) < num_shards:
             raise DataError(f"--data holds {len(documents)} documents, fewer than the {num_shards} data shards "
                             "(the mesh's dp x fsdp)")
         self._documents = (
             grain.MapDataset.source(documents).shuffle(seed=seed).repeat()[shard::num_shards]
-            .map(lambda record: encode_record(record, tokenizer))
+            .map(lambda record: encode_record(record, tokenizer, vision))
         )
+        self.vision = vision
         self.per_epoch = len(range(shard, len(documents), num_shards))  # an epoch's share, about
         self.document, self.offset = 0, 0  # the next token to pack
         self._cached = (None, None)
@@ -84,11 +99,12 @@ class ShardStream:
         return self._cached[1]
 
     def next_row(self, seq_len: int) -> dict:
-        """inputs, targets, loss_mask, segment_ids and positions of the next row, [seq_len] each."""
-        row = {k: v[0] for k, v in empty_batch(1, seq_len).items()}
+        """inputs, targets, loss_mask, segment_ids and positions of the next row, [seq_len] each;
+        with vision, vision_inputs and vision_targets too."""
+        row = {k: v[0] for k, v in empty_batch(1, seq_len, self.vision is not None).items()}
         used, segment = 0, 0
         while True:
-            ids, mask = self._tokens(self.document)
+            ids, mask, *vision = self._tokens(self.document)
             pairs, room = len(ids) - 1, seq_len - used
             left = pairs - self.offset
             if left <= room:
@@ -101,6 +117,9 @@ class ShardStream:
             row["inputs"][cols] = ids[take]
             row["targets"][cols] = ids[1:][take]
             row["loss_mask"][cols] = mask[1:][take]
+            if vision:
+                row["vision_inputs"][cols] = vision[0][take]
+                row["vision_targets"][cols] = vision[0][1:][take]
             segment += 1
             row["segment_ids"][cols] = segment
             row["positions"][cols] = np.arange(piece)
@@ -122,14 +141,17 @@ class DocumentBatches:
     """Batches from the user's documents, built in step order; `state` is what a checkpoint keeps.
 
     `shards`: the data shards this process builds rows for (all of them in one process); rows of
-    other shards are left as padding, for the processes that hold them.
+    other shards are left as padding, for the processes that hold them. `vision`: the run's
+    `model_zoo.vision_data.VisionSpec` (batches then carry vision_inputs and vision_targets), None
+    for text only.
     """
 
     def __init__(self, documents, tokenizer, *, seed: int, num_shards: int = 1, shards=None, needle_fraction=0.0,
-                 repeat_fraction=0.0, copy_fraction=0.0, max_needles=1, long_needle_fraction=0.0):
+                 repeat_fraction=0.0, copy_fraction=0.0, max_needles=1, long_needle_fraction=0.0, vision=None):
         self.documents, self.seed, self.num_shards, self.tokenizer = documents, seed, num_shards, tokenizer
+        self.vision = vision
         self.shards = sorted(range(num_shards) if shards is None else shards)
-        self.streams = {d: ShardStream(documents, tokenizer, seed=seed, shard=d, num_shards=num_shards)
+        self.streams = {d: ShardStream(documents, tokenizer, seed=seed, shard=d, num_shards=num_shards, vision=vision)
                         for d in self.shards}
         self.kinds = dict(needle_fraction=needle_fraction, repeat_fraction=repeat_fraction,
                           copy_fraction=copy_fraction, max_needles=max_needles,
@@ -139,7 +161,7 @@ class DocumentBatches:
         if rows % self.num_shards:
             raise ValueError(f"{rows} rows do not split over {self.num_shards} data shards")
         per_shard = rows // self.num_shards
-        batch = empty_batch(rows, seq_len)
+        batch = empty_batch(rows, seq_len, self.vision is not None)
         for row in range(rows):
             stream = self.streams.get(row // per_shard)
             if stream is None:
@@ -157,11 +179,16 @@ class DocumentBatches:
     @staticmethod
     def _haystack(stream, row, seq_len):
         """The row's text tokens, topped up from the rows after it to more than a row (what a
-        row-long needle document needs: its filler is cut from a haystack longer than itself)."""
-        parts = [row["inputs"][row["segment_ids"] > 0]]
+        row-long needle document needs: its filler is cut from a haystack longer than itself).
+        Vision tokens are left out: their ids are not text."""
+
+        def text(row):
+            kept = row["segment_ids"] > 0
+            return row["inputs"][kept & ~row["vision_inputs"] if "vision_inputs" in row else kept]
+
+        parts = [text(row)]
         while sum(map(len, parts)) <= seq_len + MIN_NEEDLE:
-            more = stream.next_row(seq_len)
-            parts.append(more["inputs"][more["segment_ids"] > 0])
+            parts.append(text(stream.next_row(seq_len)))
         return np.concatenate(parts)
 
     def check_enough(self, rows: int, seq_len: int):
@@ -170,7 +197,7 @@ class DocumentBatches:
         waiting for it."""
         for shard in range(self.num_shards):
             stream = ShardStream(self.documents, self.tokenizer, seed=self.seed, shard=shard,
-                                 num_shards=self.num_shards)
+                                 num_shards=self.num_shards, vision=self.vision)
             for _ in range(rows // self.num_shards):
                 stream.next_row(seq_len)
                 if (stream.document, stream.offset) > (stream.per_epoch, 0):  # into a second epoch

@@ -40,6 +40,7 @@ from model_zoo.sharding import (
 )
 from model_zoo.shipped import resolve_model
 from model_zoo.tokenizer import check_fits, copy_tokenizer, default_tokenizer, load_tokenizer, model_tokenizer
+from model_zoo.vision_data import VisionSpec
 
 
 class TrainingError(RuntimeError):
@@ -330,6 +331,7 @@ class TrainingBatches:
 
     def __init__(self, cfg: TrainConfig, mesh, tokenizer, documents=None):
         self.cfg, self.mesh, self.tokenizer, self.documents = cfg, mesh, tokenizer, documents
+        vision = getattr(documents, "vision", None)  # the documents' VisionSpec, in a run with vision
         self.sharding = batch_sharding(mesh)
         self.num_shards = math.prod(mesh.shape[axis] for axis in BATCH)  # the data-parallel ranks
         self.loader = None
@@ -338,7 +340,7 @@ class TrainingBatches:
                 documents, tokenizer, seed=cfg.seed, num_shards=self.num_shards, shards=self._local_shards(),
                 needle_fraction=cfg.needle_fraction, repeat_fraction=cfg.repeat_fraction,
                 copy_fraction=cfg.copy_fraction, max_needles=cfg.max_needles,
-                long_needle_fraction=cfg.long_needle_fraction,
+                long_needle_fraction=cfg.long_needle_fraction, vision=vision,
             )
 
     def _local_shards(self):
@@ -409,12 +411,15 @@ class TrainingBatches:
         self.loader.restore(record["data_state"])
 
 
-def training_batches(cfg: TrainConfig, mesh, tokenizer) -> TrainingBatches:
+def training_batches(cfg: TrainConfig, mesh, tokenizer, encoder=None) -> TrainingBatches:
     """The run's batches; the user's documents are opened (and every record checked) here, and
-    refused if they cannot fill a batch of every stage, before any step."""
+    refused if they cannot fill a batch of every stage, before any step. A vision model
+    (`cfg.model.vision`) reads vision rows too (`model_zoo.vision_data`), their files encoded by
+    `encoder` (the VQGAN; None: rows must give codes)."""
     documents = None
     if cfg.data:
-        documents = Documents(cfg.data, cfg.data_field)
+        vision = VisionSpec(encoder=encoder) if cfg.model.vision else None
+        documents = Documents(cfg.data, cfg.data_field, vision=vision)
         print(f"data: {documents.describe()}")
     batches = TrainingBatches(cfg, mesh, tokenizer, documents)
     if batches.loader is not None and batches.num_shards > 1:
