@@ -1,4 +1,5 @@
-"""python -m model_zoo {train, generate, eval-needle, eval-loss, export, convert, plan}: the command line."""
+"""python -m model_zoo {train, world, generate, generate-video, eval-needle, eval-loss, export, convert, plan}:
+the command line."""
 
 import argparse
 import json
@@ -138,9 +139,20 @@ def build_parser():
                             "every device), as `plan` assumes")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    gen = commands.add_parser("generate", help="generate from a trained or converted model")
+    gen = commands.add_parser("generate", help="generate from a trained or converted model; with --video, answer "
+                                               "about a clip")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", help="the text to continue, or with --video the question")
+    gen.add_argument("--video", type=pathlib.Path,
+                     help="a clip or image (GIF, MP4, PNG, ...) for a vision model: its frames are encoded by the "
+                          "model's VQGAN and placed before the question, as LWM's chat does")
+    gen.add_argument("--max-frames", type=_positive_int, default=8,
+                     help="frames of --video used, sampled evenly (default 8)")
+    gen.add_argument("--batch", type=pathlib.Path, metavar="ROWS.jsonl",
+                     help="one prompt a JSON line ('prompt', and 'video' for a vision model: a path relative to "
+                          "the file), answered in one process; needs --out")
+    gen.add_argument("--out", type=pathlib.Path, metavar="RESULTS.jsonl",
+                     help="with --batch: each row with 'answer' added, a JSON line each")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -152,6 +164,33 @@ def build_parser():
                      help="a SentencePiece .model or tokenizer.json (default: the model's own, else the shipped one)")
     gen.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
     gen.add_argument("--attention-strategy", choices=STRATEGIES, help="the prefill's attention (default: the model's)")
+
+    video = commands.add_parser("generate-video", help="a clip from a caption (a vision model with its VQGAN)")
+    video.add_argument("--model", required=True, help=MODEL_HELP.replace("lwm-tiny-retrieval", "lwm-tiny-vision"))
+    video.add_argument("--prompt", help="the caption")
+    video.add_argument("--frames", type=_positive_int, default=8, help="frames to generate (default 8)")
+    video.add_argument("--out", required=True, type=pathlib.Path,
+                       help="the clip (.gif, .mp4 or .png), or with --batch RESULTS.jsonl")
+    video.add_argument("--batch", type=pathlib.Path, metavar="ROWS.jsonl",
+                       help="one caption a JSON line ('prompt'); each clip is written beside --out and its row, with "
+                            "'video' set to the clip's path, to --out")
+    video.add_argument("--cfg-scale", type=float, default=3.0,
+                       help="classifier-free guidance against LWM's unconditional <s><vision> (default 3; 1: none)")
+    video.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    video.add_argument("--top-k", type=_positive_int, help="sample from the k most likely codes (default: all)")
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--mesh", type=_mesh, default=(("sp", -1),))
+
+    world_cmd = commands.add_parser(
+        "world", help="train the tiny world end to end: its VQGAN, then TINY with vision on the ring, scored and "
+                      "exported to WORKDIR/model (about an hour on 2 cores; a rerun resumes)")
+    world_cmd.add_argument("--workdir", required=True, type=pathlib.Path)
+    world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps (default 2400)")
+    world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 3000)")
+    world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered (default 4000)")
+    world_cmd.add_argument("--eval-clips", type=_positive_int, help="fresh clips the exported model is scored on "
+                                                                    "(default 60)")
+    world_cmd.add_argument("--no-progress", action="store_true")
 
     needle = commands.add_parser("eval-needle", help="needle-in-a-haystack retrieval grid")
     needle.add_argument("--model", "--workdir", dest="model", required=True, help=MODEL_HELP)
@@ -221,8 +260,9 @@ def main(argv=None):
     try:
         if args.coordinator:
             _join_processes(args)
-        commands = {"train": _train, "generate": _generate, "eval-needle": _eval_needle, "eval-loss": _eval_loss,
-                    "export": _export, "convert": _convert, "plan": _plan}
+        commands = {"train": _train, "world": _world, "generate": _generate, "generate-video": _generate_video,
+                    "eval-needle": _eval_needle, "eval-loss": _eval_loss, "export": _export, "convert": _convert,
+                    "plan": _plan}
         commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -414,11 +454,17 @@ def _generate(args):
     from model_zoo.generate import generate
     from model_zoo.tokenizer import check_fits
 
+    if (args.batch is None) == (args.prompt is None):
+        raise ValueError("give --prompt, or --batch ROWS.jsonl with --out")
+    if args.batch is not None and args.out is None:
+        raise ValueError("--batch needs --out RESULTS.jsonl")
     tokenizer = _tokenizer(args.tokenizer, args.model)
     mesh, config, params = _load(args.model, args.mesh)
     if args.attention_strategy:
         config = config.replace(attention_strategy=args.attention_strategy)
     check_fits(tokenizer, config.vocab_size)
+    if args.video is not None or args.batch is not None:
+        return _answer(args, mesh, config, params, tokenizer)
     text = chat_prompt(args.prompt) if args.chat else args.prompt
     prompt = [tokenizer.bos_id] + tokenizer.encode(text)
     emitted = []
@@ -433,6 +479,163 @@ def _generate(args):
         generate(params, [prompt], config=config, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,), on_tokens=stream)
     print()
+
+
+def _answer(args, mesh, config, params, tokenizer):
+    """generate --video (a question about a clip) and --batch: answers streamed, or one JSON line a row."""
+    import jax
+
+    from model_zoo.corpus import chat_prompt
+    from model_zoo.generate import generate
+    from model_zoo.vision_generate import answer_about_clips
+
+    rows = _batch_rows(args.batch, "prompt") if args.batch else [{"prompt": args.prompt, "video": args.video}]
+    vision_rows = [r for r in rows if r.get("video") is not None]
+    vqgan = None
+    if vision_rows:
+        if not config.vision:
+            raise ValueError(f"--model {args.model} has no vision (vision=False): it cannot take a video")
+        vqgan = _model_vqgan(args.model)
+    streaming = args.batch is None
+    emitted = []
+
+    def stream(step, tokens):
+        if tokens[0] >= 0 and tokens[0] != tokenizer.eos_id:
+            emitted.append(int(tokens[0]))
+            text = tokenizer.decode(emitted)
+            print(text[len(tokenizer.decode(emitted[:-1])):], end="", flush=True)
+
+    answers = []
+    with jax.set_mesh(mesh):
+        for row in rows:  # one at a time: each clip's prompt has its own length
+            if row.get("video") is not None:
+                codes = _clip_codes(vqgan, row["video"], args.max_frames)
+                answer = answer_about_clips(params, config, tokenizer, [codes], [row["prompt"]],
+                                            max_new_tokens=args.max_new_tokens,
+                                            on_tokens=stream if streaming else None)[0]
+            else:
+                text = chat_prompt(row["prompt"]) if args.chat else row["prompt"]
+                out = generate(params, [[tokenizer.bos_id] + tokenizer.encode(text)], config=config,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed, stop_tokens=(tokenizer.eos_id,),
+                               on_tokens=stream if streaming else None)[0]
+                answer = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+            answers.append(answer)
+    if streaming:
+        print()
+        return
+    _write_results(args.out, [dict(row, video=_relative(row.get("video"), args.out), answer=a) if "video" in row
+                              else dict(row, answer=a) for row, a in zip(rows, answers)])
+    print(f"wrote {len(rows)} answers to {args.out}")
+
+
+def _batch_rows(path, required):
+    """The JSON lines of --batch, each checked for `required`; 'video' paths made relative to the file's folder."""
+    rows = []
+    if not path.is_file():
+        raise FileNotFoundError(f"--batch {path} does not exist")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(required), str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a string {required!r}")
+        if row.get("video") is not None:
+            video = pathlib.Path(row["video"]).expanduser()
+            row["video"] = video if video.is_absolute() else path.parent / video
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--batch {path} holds no rows")
+    return rows
+
+
+def _relative(path, out):
+    if path is None:
+        return None
+    try:
+        return str(pathlib.Path(path).resolve().relative_to(out.resolve().parent))
+    except ValueError:
+        return str(path)
+
+
+def _write_results(out, rows):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as results:
+        for row in rows:
+            results.write(json.dumps({k: str(v) if isinstance(v, pathlib.Path) else v for k, v in row.items()}) + "\n")
+
+
+def _model_vqgan(model):
+    """The VQGAN a vision model carries (its folder's vqgan/)."""
+    from model_zoo.shipped import resolve_model
+    from model_zoo.vqgan import VQGAN
+
+    folder = resolve_model(model) / "vqgan"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model} has no VQGAN ({folder} is missing): frames cannot become codes")
+    return VQGAN.load(folder)
+
+
+def _clip_codes(vqgan, path, max_frames):
+    """A clip's codes [F, n]: its frames read, sampled evenly, fitted to the VQGAN and encoded."""
+    from model_zoo.media import fit_frames, read_frames
+
+    frames = read_frames(path, max_frames=max_frames)
+    return vqgan.encode_frames(fit_frames(frames, vqgan.resolution))
+
+
+def _generate_video(args):
+    import jax
+
+    from model_zoo.media import write_frames
+    from model_zoo.vision_generate import clips_from_captions
+
+    if (args.batch is None) == (args.prompt is None):
+        raise ValueError("give --prompt CAPTION, or --batch ROWS.jsonl")
+    rows = _batch_rows(args.batch, "prompt") if args.batch else [{"prompt": args.prompt}]
+    if args.batch is None and args.out.suffix.lower() not in (".gif", ".mp4", ".png"):
+        raise ValueError(f"--out {args.out}: expected a .gif, .mp4 or .png clip")
+    if args.batch is not None and args.out.suffix != ".jsonl":
+        raise ValueError(f"--out {args.out}: with --batch, a RESULTS.jsonl")
+    tokenizer = _tokenizer(None, args.model)
+    mesh, config, params = _load(args.model, args.mesh)
+    if not config.vision:
+        raise ValueError(f"--model {args.model} has no vision (vision=False): it cannot generate a clip")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    vqgan = _model_vqgan(args.model)
+    with jax.set_mesh(mesh):
+        codes = clips_from_captions(
+            params, config, tokenizer, [r["prompt"] for r in rows], frames=args.frames,
+            tokens_per_frame=vqgan.tokens_per_frame, num_codes=vqgan.num_codes, cfg_scale=args.cfg_scale,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+            on_frame=lambda f, _: print(f"frame {f + 1}/{args.frames}", flush=True))
+    if args.batch is None:
+        written = write_frames(args.out, vqgan.decode_codes(codes[0]))
+        print(f"wrote {', '.join(map(str, written))}")
+        return
+    results = []
+    for i, (row, clip) in enumerate(zip(rows, codes)):
+        path = args.out.parent / f"{args.out.stem}-{i:04d}.gif"
+        write_frames(path, vqgan.decode_codes(clip))
+        results.append(dict(row, video=_relative(path, args.out)))
+    _write_results(args.out, results)
+    print(f"wrote {len(rows)} clips beside {args.out}")
+
+
+def _world(args):
+    import dataclasses
+
+    from model_zoo.world_recipe import WorldRecipe, run_world_recipe
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("vqgan_steps", args.vqgan_steps), ("clips", args.clips),
+                                   ("eval_clips", args.eval_clips)) if v is not None}
+    recipe = dataclasses.replace(WorldRecipe(), **overrides)
+    command = " ".join(["python", "-m", "model_zoo", *(args.argv or sys.argv[1:])])
+    out = run_world_recipe(recipe, args.workdir, progress=not args.no_progress, command=command)
+    print(f"done: the model is {out}; its scores are in {out / 'provenance.json'}")
 
 
 def _eval_needle(args):

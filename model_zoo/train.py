@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -122,6 +123,9 @@ class TrainConfig:
     data_field: str = "text"
     # A SentencePiece .model or a tokenizer.json; None: init_from's own, else the shipped one.
     tokenizer: str | None = None
+    # A vision model's VQGAN (a diffusers VQModel folder): encodes --data's image and video rows, and
+    # is copied into the workdir (vqgan/) so that the model carries it.
+    vqgan: str | None = None
 
     def __post_init__(self):
         if not self.stages:
@@ -141,6 +145,8 @@ class TrainConfig:
         check_long_needle_fraction(self.long_needle_fraction)
         if isinstance(self.data, str) or not all(isinstance(d, str) for d in self.data):
             raise ValueError(f"data must be a tuple of file names or globs, got {self.data!r}")
+        if self.vqgan is not None and not self.model.vision:
+            raise ValueError("vqgan was given for a model without vision (LWMConfig vision=False)")
         longest = max(s.seq_len for s in self.stages)
         if longest > self.model.max_position_embeddings:
             raise ValueError(
@@ -179,7 +185,7 @@ def loss_fn(params, batch, config: LWMConfig, attention=None):
         positions=batch["positions"], vision_mask=batch.get("vision_inputs"), attention=attention,
     )
     mask = batch["loss_mask"]
-    if not config.vision:
+    if not config.vision or "vision_targets" not in batch:  # text batches (the embedded corpus's, say)
         return row_normalised(cross_entropy(text_logits(params, x), batch["targets"]), mask)
     is_vision = batch["vision_targets"].astype(mask.dtype)
     text_targets = jnp.where(is_vision > 0, 0, batch["targets"])
@@ -284,9 +290,11 @@ def train(cfg: TrainConfig, workdir, *, progress=True, batches=None) -> dict:
     # With several processes the first writes the files; every process writes its checkpoint shards.
     primary = jax.process_index() == 0
     metrics_path = workdir / "metrics.jsonl" if primary else pathlib.Path(os.devnull)
-    batches = batches or training_batches(cfg, mesh, training_tokenizer(cfg))
+    batches = batches or training_batches(cfg, mesh, training_tokenizer(cfg), training_vqgan(cfg))
     if primary:
         copy_tokenizer(batches.tokenizer, workdir)  # generate and eval read the model's tokenizer from its folder
+        if cfg.vqgan is not None:
+            shutil.copytree(cfg.vqgan, workdir / "vqgan", dirs_exist_ok=True)
     with jax.set_mesh(mesh):
         state = initial_state(cfg, mesh)
         restored = checkpoints.restore_latest(state)
@@ -309,6 +317,15 @@ def train(cfg: TrainConfig, workdir, *, progress=True, batches=None) -> dict:
     if primary:
         plot_losses(metrics_path, workdir / "loss.png", cfg)
     return state
+
+
+def training_vqgan(cfg: TrainConfig):
+    """The run's VQGAN (`cfg.vqgan`), or None."""
+    if cfg.vqgan is None:
+        return None
+    from model_zoo.vqgan import VQGAN
+
+    return VQGAN.load(cfg.vqgan)
 
 
 def training_tokenizer(cfg: TrainConfig):

@@ -106,3 +106,30 @@ def _prefill(params, tokens, lengths, config):
 def _step(params, cache, tokens, positions, vision_mask, config):
     x, cache = decode_hidden(params, cache, tokens, positions, config=config, vision_mask=vision_mask)
     return vision_logits(params, x), cache
+
+
+def answer_about_clips(params, config, tokenizer, codes, questions, *, max_new_tokens=32, on_tokens=None) -> list[str]:
+    """Greedy answers to `questions` (one per clip), each asked about its clip's codes (int [F, n])
+    as LWM's chat asks (`model_zoo.vision_data.understanding_prompt`)."""
+    from model_zoo.generate import generate
+    from model_zoo.vision_data import understanding_prompt
+
+    if not config.vision:
+        raise ValueError("the model has no vision vocabulary (vision=False): it cannot read a clip")
+    prompts = [understanding_prompt(tokenizer, c, q) for c, q in zip(codes, questions)]
+    out = generate(params, [p.tolist() for p, _ in prompts], config=config, max_new_tokens=max_new_tokens,
+                   stop_tokens=(tokenizer.eos_id,), vision_masks=[m.tolist() for _, m in prompts], on_tokens=on_tokens)
+    return [tokenizer.decode([t for t in tokens if t != tokenizer.eos_id]).strip() for tokens in out]
+
+
+def clips_from_captions(params, config, tokenizer, captions, *, frames, tokens_per_frame, num_codes, cfg_scale=3.0,
+                        temperature=1.0, top_k=None, seed=0, on_frame=None) -> np.ndarray:
+    """Codes [len(captions), frames, tokens_per_frame] of a clip per caption, asked for as LWM asks
+    (`model_zoo.vision_data.generation_prompt`), guided against LWM's unconditional `<s><vision>`."""
+    from model_zoo.vision_data import VISION_START, generation_prompt
+
+    prompts = [generation_prompt(tokenizer, c, video=frames > 1)[0].tolist() for c in captions]
+    unconditional = [tokenizer.bos_id, *tokenizer.encode(VISION_START)]
+    return generate_clips(params, prompts, unconditional, config=config, frames=frames,
+                          tokens_per_frame=tokens_per_frame, num_codes=num_codes, cfg_scale=cfg_scale,
+                          temperature=temperature, top_k=top_k, seed=seed, on_frame=on_frame)

@@ -1,6 +1,10 @@
 """Training a VQGAN on frames: reconstruction, codebook and commitment losses with straight-through
 gradients (VQ-VAE's objective), and codes nobody uses restarted on the batch's latents.
 
+The first `autoencoder_steps` train the encoder and decoder without the quantiser; the codebook
+then starts from k-means over the latents of fresh frames. Started from random codes, most latents
+fall on a few codes and little passes the bottleneck for hundreds of steps.
+
 LWM trains its VQGAN with perceptual and adversarial losses as well; on the procedural world
 (`model_zoo.world`: flat colours on black) the pixel losses are enough, and keep a CPU run short.
 A run saves its state every `save_every` steps and resumes from it; the model is written as a
@@ -28,23 +32,27 @@ WORLD_VQGAN = VQGANConfig(resolution=64, hidden_channels=16, channel_mult=(1, 2,
 @dataclasses.dataclass(frozen=True)
 class VQGANTraining:
     config: VQGANConfig = WORLD_VQGAN
-    steps: int = 2000
+    steps: int = 3000
+    autoencoder_steps: int = 1000
     batch_frames: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     commitment: float = 0.25
     restart_every: int = 100  # steps between restarts of unused codes
     save_every: int = 250
     seed: int = 0
 
 
-def losses(params, frames, config: VQGANConfig, commitment: float):
-    """(total loss, (reconstruction MSE, codes)) of float frames [N, R, R, 3] in [-1, 1]."""
+def losses(params, frames, config: VQGANConfig, commitment: float, quantize: bool = True):
+    """(total loss, (reconstruction MSE, codes)) of float frames [N, R, R, 3] in [-1, 1]; without
+    `quantize`, the decoder reads the latents themselves."""
     latents = encode_latents(params, frames, config)
     codes = nearest_codes(params, latents)
     chosen = params["quantize.embedding.weight"][codes]
     codebook = jnp.mean(jnp.square(chosen - jax.lax.stop_gradient(latents)))
     commit = jnp.mean(jnp.square(latents - jax.lax.stop_gradient(chosen)))
     straight_through = latents + jax.lax.stop_gradient(chosen - latents)
+    if not quantize:
+        straight_through, codebook, commit = latents, 0.0, 0.0
     out = decode_latents(params, straight_through, config)
     mse = jnp.mean(jnp.square(out - frames))
     total = mse + jnp.mean(jnp.abs(out - frames)) + codebook + commitment * commit
@@ -56,6 +64,25 @@ def world_frames(rng: np.random.Generator, n: int) -> np.ndarray:
     clips = [world.render(world.random_clip(rng)) for _ in range(-(-n // world.FRAMES))]
     frames = np.concatenate(clips)[rng.permutation(len(clips) * world.FRAMES)[:n]]
     return frames.astype(np.float32) / 127.5 - 1
+
+
+def _kmeans_codebook(params, latents_of, frames_fn, run: VQGANTraining, iterations: int = 10):
+    """The codebook as k-means centres of the latents of fresh frames (k-means++ seeding)."""
+    rng = np.random.default_rng([run.seed, 2**31 + 1])
+    latents = np.concatenate([np.asarray(latents_of(params, jnp.asarray(frames_fn(rng, run.batch_frames))))
+                              for _ in range(8)]).reshape(-1, run.config.code_dim)
+    k = run.config.num_codes
+    centres = [latents[rng.integers(len(latents))]]
+    nearest = np.square(latents - centres[0]).sum(-1)
+    for _ in range(k - 1):
+        centres.append(latents[rng.choice(len(latents), p=nearest / nearest.sum())])
+        nearest = np.minimum(nearest, np.square(latents - centres[-1]).sum(-1))
+    centres = np.stack(centres)
+    for _ in range(iterations):
+        assign = np.argmin(np.square(latents[:, None] - centres[None]).sum(-1), axis=1)
+        for j in np.unique(assign):
+            centres[j] = latents[assign == j].mean(0)
+    return {**params, "quantize.embedding.weight": jnp.asarray(centres, jnp.float32)}
 
 
 def _restart_unused(params, latents, counts, key):
@@ -83,15 +110,18 @@ def train_vqgan(run: VQGANTraining, workdir, *, progress=True, frames_fn=world_f
         state, start = _load_state(saved, state)
         print(f"resuming the VQGAN at step {start}")
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, frames):
+    @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+    def step(state, frames, quantize):
         (loss, (mse, codes)), grads = jax.value_and_grad(losses, has_aux=True)(
-            state["params"], frames, config, run.commitment)
+            state["params"], frames, config, run.commitment, quantize)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         counts = state["counts"] + jnp.bincount(codes.reshape(-1), length=config.num_codes)
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "counts": counts}, loss, mse
 
     latents_of = jax.jit(functools.partial(encode_latents, config=config))
+    held_out = jnp.asarray(frames_fn(np.random.default_rng([run.seed, 2**31]), 64))  # never trained on
+    held_out_mse = jax.jit(lambda params, quantize: losses(params, held_out, config, run.commitment, quantize)[1][0],
+                           static_argnums=1)
     bar = range(start, run.steps)
     if progress:
         from tqdm import tqdm
@@ -101,16 +131,25 @@ def train_vqgan(run: VQGANTraining, workdir, *, progress=True, frames_fn=world_f
     with open(workdir / "metrics.jsonl", "a") as log:
         for i in bar:
             frames = jnp.asarray(frames_fn(np.random.default_rng([run.seed, i]), run.batch_frames))
-            state, loss, mse = step(state, frames)
-            if (i + 1) % run.restart_every == 0 and i + 1 < run.steps:
+            quantize = i >= run.autoencoder_steps
+            if i == run.autoencoder_steps:
+                state = {**state, "params": _kmeans_codebook(state["params"], latents_of, frames_fn, run)}
+            state, loss, mse = step(state, frames, quantize)
+            if not quantize and (i + 1) % run.restart_every == 0:
+                metrics = {"step": i + 1, "loss": float(loss), "mse": float(mse),
+                           "held_out_mse": float(held_out_mse(state["params"], False)), "quantized": False}
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            elif (i + 1) % run.restart_every == 0 and i + 1 < run.steps:
                 params, restarted = _restart_unused(state["params"], latents_of(state["params"], frames),
                                                     state["counts"], jax.random.key(i))
                 state = {**state, "params": params, "counts": jnp.zeros_like(state["counts"])}
-                metrics = {"step": i + 1, "loss": float(loss), "mse": float(mse), "restarted": restarted}
+                metrics = {"step": i + 1, "loss": float(loss), "mse": float(mse),
+                           "held_out_mse": float(held_out_mse(state["params"], True)), "restarted": restarted}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 if progress:
-                    bar.set_postfix(mse=f"{float(mse):.4f}", restarted=restarted)
+                    bar.set_postfix(held_out_mse=f"{metrics['held_out_mse']:.4f}", restarted=restarted)
             if (i + 1) % run.save_every == 0 or i + 1 == run.steps:
                 _save_state(saved, state, i + 1)
     save_diffusers(workdir / "vqgan", config, jax.device_get(state["params"]))

@@ -1,0 +1,131 @@
+"""The tiny world, trained end to end: a VQGAN on the world's frames, then TINY with vision on
+caption -> clip and clip -> question/answer rows over the ring, then scored and exported.
+
+`python -m model_zoo world --workdir W` runs the four steps; each leaves its result in W and a
+rerun skips what is done and resumes what was stopped (the VQGAN and LWM both checkpoint):
+
+1. `W/vqgan-run`: the VQGAN (`model_zoo.vqgan_train`, `WORLD_VQGAN`: a 64 x 64 frame -> 8 x 8 codes).
+2. `W/data/rows.jsonl`: fresh clips of `model_zoo.world`, encoded; per clip a generation row
+   (caption -> clip; one in ten without its caption, `<s><vision>` -> clip, the unconditional
+   row that classifier-free guidance asks) and one understanding row (a question of a kind drawn
+   at random, its one-word answer).
+3. `W/lwm`: TINY with vision on those rows (`model_zoo.train`), on the ring of all devices.
+4. `W/model`: the model folder (model.json, params.safetensors, the tokenizer, the VQGAN in
+   `vqgan/`, provenance.json with the scores of `model_zoo.world_eval` on fresh clips).
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from model_zoo import world
+from model_zoo.config import TINY
+from model_zoo.vqgan import VQGAN
+from model_zoo.vqgan_train import VQGANTraining, train_vqgan
+
+WORLD_MODEL = TINY.replace(vision=True)
+UNCONDITIONAL_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldRecipe:
+    vqgan_steps: int = 3000  # the first third without the quantiser (model_zoo.vqgan_train)
+    clips: int = 4000
+    steps: int = 2400
+    rows: int = 4
+    seq_len: int = 1152  # two clips' rows (about 560 tokens each) a row
+    learning_rate: float = 2e-3
+    eval_clips: int = 60
+    seed: int = 0
+
+
+def world_rows(vqgan: VQGAN, clips: int, seed: int, *, batch: int = 64) -> list[dict]:
+    """Training rows (JSON-ready) of `clips` fresh clips, encoded by `vqgan`."""
+    rng = np.random.default_rng([seed, 1])
+    rows = []
+    for start in range(0, clips, batch):
+        drawn = [world.random_clip(rng) for _ in range(min(batch, clips - start))]
+        frames = np.concatenate([world.render(c) for c in drawn])
+        codes = vqgan.encode_frames(frames).reshape(len(drawn), world.FRAMES, -1)
+        for clip, clip_codes in zip(drawn, codes):
+            vision = clip_codes.tolist()
+            if rng.random() < UNCONDITIONAL_FRACTION:
+                rows.append({"vision": vision, "fields": "vision"})
+            else:
+                rows.append({"vision": vision, "caption": clip.caption})
+            kind = str(rng.choice(list(world.QUESTIONS)))
+            rows.append({"vision": vision, "question": world.QUESTIONS[kind], "answer": clip.answer(kind)})
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def run_world_recipe(recipe: WorldRecipe, workdir, *, progress=True, command=None) -> pathlib.Path:
+    """Runs (or resumes) the recipe in `workdir`; returns the model folder."""
+    from model_zoo.train import Stage, TrainConfig, train
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if command:
+        with open(workdir / "commands.log", "a") as log:
+            log.write(command + "\n")
+    vqgan_dir = workdir / "vqgan-run"
+    if not (vqgan_dir / "vqgan" / "config.json").is_file():
+        run = VQGANTraining(steps=recipe.vqgan_steps, autoencoder_steps=recipe.vqgan_steps // 3, seed=recipe.seed,
+                            restart_every=min(100, max(1, recipe.vqgan_steps // 6)))
+        train_vqgan(run, vqgan_dir, progress=progress)
+    vqgan = VQGAN.load(vqgan_dir / "vqgan")
+    rows_path = workdir / "data" / "rows.jsonl"
+    if not rows_path.is_file():
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = rows_path.with_suffix(".partial")
+        with open(partial, "w") as out:
+            for row in world_rows(vqgan, recipe.clips, recipe.seed):
+                out.write(json.dumps(row) + "\n")
+        partial.replace(rows_path)
+    cfg = TrainConfig(
+        model=WORLD_MODEL, stages=(Stage(recipe.seq_len, WORLD_MODEL.rope_theta, recipe.steps, recipe.rows),),
+        learning_rate=recipe.learning_rate, needle_fraction=0.0, data=(str(rows_path),), seed=recipe.seed,
+        save_every=100, vqgan=str(vqgan_dir / "vqgan"),
+    )
+    train(cfg, workdir / "lwm", progress=progress)
+    return export_world_model(workdir, recipe)
+
+
+def export_world_model(workdir, recipe: WorldRecipe) -> pathlib.Path:
+    """W/model: the trained LWM with its VQGAN and tokenizer, scored on fresh clips (provenance.json)."""
+    import jax
+
+    from model_zoo.checkpoint import load_model
+    from model_zoo.shipped import export_model
+    from model_zoo.tokenizer import copy_tokenizer, model_tokenizer
+    from model_zoo.train import read_metrics
+    from model_zoo.world_eval import evaluate_world
+
+    workdir = pathlib.Path(workdir)
+    out = workdir / "model"
+    config, params = load_model(workdir / "lwm")
+    vqgan = VQGAN.load(workdir / "vqgan-run" / "vqgan")
+    tokenizer = model_tokenizer(workdir / "lwm")
+    rng = np.random.default_rng([recipe.seed, 2])
+    clips = [world.random_clip(rng) for _ in range(recipe.eval_clips)]
+    scores = evaluate_world(params, config, vqgan, tokenizer, clips, [world.render(c) for c in clips])
+    metrics = read_metrics(workdir / "lwm" / "metrics.jsonl")
+    vq_metrics = [json.loads(line) for line in open(workdir / "vqgan-run" / "metrics.jsonl")]
+    provenance = {
+        "commands": (workdir / "commands.log").read_text().splitlines() if (workdir / "commands.log").exists()
+        else [],
+        "recipe": dataclasses.asdict(recipe),
+        "vqgan": {"steps": recipe.vqgan_steps, "last": vq_metrics[-1] if vq_metrics else None},
+        "steps": len(metrics),
+        "tokens": sum(r["tokens"] for r in metrics),
+        "step_seconds": round(sum(r["seconds"] for r in metrics), 1),
+        "world_eval": scores,
+        "jax": jax.__version__,
+    }
+    export_model(out, config, params, provenance)
+    copy_tokenizer(tokenizer, out)
+    shutil.copytree(workdir / "vqgan-run" / "vqgan", out / "vqgan", dirs_exist_ok=True)
+    return out
