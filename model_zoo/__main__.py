@@ -185,8 +185,8 @@ def build_parser():
         "world", help="train the tiny world end to end: its VQGAN, then TINY with vision on the ring, scored and "
                       "exported to WORKDIR/model (about an hour on 2 cores; a rerun resumes)")
     world_cmd.add_argument("--workdir", required=True, type=pathlib.Path)
-    world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps (default 2400)")
-    world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 3000)")
+    world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps (default 3000)")
+    world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 5000)")
     world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered (default 4000)")
     world_cmd.add_argument("--eval-clips", type=_positive_int, help="fresh clips the exported model is scored on "
                                                                     "(default 60)")

@@ -32,17 +32,18 @@ WORLD_VQGAN = VQGANConfig(resolution=64, hidden_channels=16, channel_mult=(1, 2,
 @dataclasses.dataclass(frozen=True)
 class VQGANTraining:
     config: VQGANConfig = WORLD_VQGAN
-    steps: int = 3000
+    steps: int = 5000
     autoencoder_steps: int = 1000
     batch_frames: int = 16
     learning_rate: float = 1e-3
     commitment: float = 0.25
+    shape_weight: float = 4.0  # extra weight of the pixels that are not background
     restart_every: int = 100  # steps between restarts of unused codes
     save_every: int = 250
     seed: int = 0
 
 
-def losses(params, frames, config: VQGANConfig, commitment: float, quantize: bool = True):
+def losses(params, frames, config: VQGANConfig, commitment: float, quantize: bool = True, shape_weight: float = 0.0):
     """(total loss, (reconstruction MSE, codes)) of float frames [N, R, R, 3] in [-1, 1]; without
     `quantize`, the decoder reads the latents themselves."""
     latents = encode_latents(params, frames, config)
@@ -55,7 +56,10 @@ def losses(params, frames, config: VQGANConfig, commitment: float, quantize: boo
         straight_through, codebook, commit = latents, 0.0, 0.0
     out = decode_latents(params, straight_through, config)
     mse = jnp.mean(jnp.square(out - frames))
-    total = mse + jnp.mean(jnp.abs(out - frames)) + codebook + commitment * commit
+    # Pixels off the background weigh more: a frame is mostly black, and an error in the shape's
+    # colour (red decoded as olive) is what matters downstream.
+    weight = 1 + shape_weight * (jnp.max(frames, axis=-1, keepdims=True) > -1)
+    total = jnp.mean(weight * (jnp.square(out - frames) + jnp.abs(out - frames))) + codebook + commitment * commit
     return total, (mse, codes)
 
 
@@ -109,11 +113,13 @@ def train_vqgan(run: VQGANTraining, workdir, *, progress=True, frames_fn=world_f
     if saved.exists():
         state, start = _load_state(saved, state)
         print(f"resuming the VQGAN at step {start}")
+    with open(workdir / "runs.jsonl", "a") as runs:  # every start and resume with its settings: the provenance
+        runs.write(json.dumps({"from_step": start, **dataclasses.asdict(run)}) + "\n")
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
     def step(state, frames, quantize):
         (loss, (mse, codes)), grads = jax.value_and_grad(losses, has_aux=True)(
-            state["params"], frames, config, run.commitment, quantize)
+            state["params"], frames, config, run.commitment, quantize, run.shape_weight)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         counts = state["counts"] + jnp.bincount(codes.reshape(-1), length=config.num_codes)
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "counts": counts}, loss, mse

@@ -32,11 +32,11 @@ UNCONDITIONAL_FRACTION = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class WorldRecipe:
-    vqgan_steps: int = 3000  # the first third without the quantiser (model_zoo.vqgan_train)
+    vqgan_steps: int = 5000  # the first fifth without the quantiser (model_zoo.vqgan_train)
     clips: int = 4000
-    steps: int = 2400
+    steps: int = 3000
     rows: int = 4
-    seq_len: int = 1152  # two clips' rows (about 560 tokens each) a row
+    seq_len: int = 1200  # two clips' rows (about 585 tokens each) a row
     learning_rate: float = 2e-3
     eval_clips: int = 60
     seed: int = 0
@@ -73,7 +73,7 @@ def run_world_recipe(recipe: WorldRecipe, workdir, *, progress=True, command=Non
             log.write(command + "\n")
     vqgan_dir = workdir / "vqgan-run"
     if not (vqgan_dir / "vqgan" / "config.json").is_file():
-        run = VQGANTraining(steps=recipe.vqgan_steps, autoencoder_steps=recipe.vqgan_steps // 3, seed=recipe.seed,
+        run = VQGANTraining(steps=recipe.vqgan_steps, autoencoder_steps=recipe.vqgan_steps // 5, seed=recipe.seed,
                             restart_every=min(100, max(1, recipe.vqgan_steps // 6)))
         train_vqgan(run, vqgan_dir, progress=progress)
     vqgan = VQGAN.load(vqgan_dir / "vqgan")
@@ -114,11 +114,12 @@ def export_world_model(workdir, recipe: WorldRecipe) -> pathlib.Path:
     scores = evaluate_world(params, config, vqgan, tokenizer, clips, [world.render(c) for c in clips])
     metrics = read_metrics(workdir / "lwm" / "metrics.jsonl")
     vq_metrics = [json.loads(line) for line in open(workdir / "vqgan-run" / "metrics.jsonl")]
+    vq_runs = [json.loads(line) for line in open(workdir / "vqgan-run" / "runs.jsonl")]
     provenance = {
         "commands": (workdir / "commands.log").read_text().splitlines() if (workdir / "commands.log").exists()
         else [],
         "recipe": dataclasses.asdict(recipe),
-        "vqgan": {"steps": recipe.vqgan_steps, "last": vq_metrics[-1] if vq_metrics else None},
+        "vqgan": {"runs": vq_runs, "last": vq_metrics[-1] if vq_metrics else None},
         "steps": len(metrics),
         "tokens": sum(r["tokens"] for r in metrics),
         "step_seconds": round(sum(r["seconds"] for r in metrics), 1),
