@@ -1,0 +1,75 @@
+"""`lwm-tiny-vision` right after install, on clips PIL draws to the world's rules (`reference.world`,
+not the renderer it was trained on): it answers colour, shape and direction, and the clips it
+generates from captions show the caption's colour and motion (read from their pixels)."""
+
+import jax
+import numpy as np
+import pytest
+
+from model_zoo import make_mesh, world
+from model_zoo.__main__ import main
+from model_zoo.checkpoint import load_model
+from model_zoo.media import read_frames, write_frames
+from model_zoo.shipped import resolve_model, shipped_models
+from model_zoo.tokenizer import model_tokenizer
+from model_zoo.vqgan import VQGAN
+from model_zoo.world_eval import evaluate_world
+from reference.world import draw_truth, pil_clip
+
+MODEL = "lwm-tiny-vision"
+
+
+def pil_clips(seed, n):
+    rng = np.random.default_rng(seed)
+    truths, frames = [], []
+    for _ in range(n):
+        colour, shape, direction, size, left, top = draw_truth(rng)
+        truths.append(world.Clip(colour, shape, direction, size, left + size / 2, top + size / 2))
+        frames.append(pil_clip(colour, shape, direction, size, left, top))
+    return truths, frames
+
+
+@pytest.fixture(scope="module")
+def scores():
+    assert MODEL in shipped_models()
+    folder = resolve_model(MODEL)
+    mesh = make_mesh(sp=8)
+    config, params = load_model(folder, mesh=mesh)
+    truths, frames = pil_clips(2026, 40)
+    with jax.set_mesh(mesh):
+        return evaluate_world(params, config, VQGAN.load(folder / "vqgan"), model_tokenizer(folder), truths, frames,
+                              seed=7)
+
+
+# The targets: every answer kind >= 0.9, generated colour >= 0.9 and motion >= 0.8. Two are not met
+# yet (bench/RESULTS.md): marked strict, so that a model that meets them fails these marks until
+# they are removed.
+SHAPE_NOT_MET = pytest.mark.xfail(strict=True, reason="shape answers measured at 0.855 on 200 clips, target 0.9")
+MOTION_NOT_MET = pytest.mark.xfail(strict=True, reason="generated frames keep the colour but not the motion "
+                                                       "(0.40 on 200 clips, chance 0.25; target 0.8)")
+
+
+@pytest.mark.parametrize("kind", ["colour", pytest.param("shape", marks=SHAPE_NOT_MET), "direction"])
+def test_answers(scores, kind):
+    assert scores[f"answer_{kind}"] >= 0.9, scores
+
+
+def test_generated_clips_show_the_captioned_colour(scores):
+    assert scores["generated_colour"] >= 0.9, scores
+
+
+@MOTION_NOT_MET
+def test_generated_clips_move_the_captioned_way(scores):
+    assert scores["generated_motion"] >= 0.8, scores
+
+
+def test_the_commands_run_on_the_shipped_model(tmp_path, capsys):
+    colour, shape, direction, size, left, top = draw_truth(np.random.default_rng(5))
+    write_frames(tmp_path / "asked.gif", pil_clip(colour, shape, direction, size, left, top))
+    assert main(["generate", "--model", MODEL, "--video", str(tmp_path / "asked.gif"),
+                 "--prompt", "What colour is the shape?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().lower().startswith(colour)
+    assert main(["generate-video", "--model", MODEL, "--prompt", "a blue square moving up",
+                 "--out", str(tmp_path / "made.gif")]) == 0
+    frames = read_frames(tmp_path / "made.gif")
+    assert frames.shape == (world.FRAMES, 64, 64, 3)
