@@ -448,10 +448,7 @@ def _tokenizer(path, model):
 
 
 def _generate(args):
-    import jax
 
-    from model_zoo.corpus import chat_prompt
-    from model_zoo.generate import generate
     from model_zoo.tokenizer import check_fits
 
     if (args.batch is None) == (args.prompt is None):
@@ -463,26 +460,12 @@ def _generate(args):
     if args.attention_strategy:
         config = config.replace(attention_strategy=args.attention_strategy)
     check_fits(tokenizer, config.vocab_size)
-    if args.video is not None or args.batch is not None:
-        return _answer(args, mesh, config, params, tokenizer)
-    text = chat_prompt(args.prompt) if args.chat else args.prompt
-    prompt = [tokenizer.bos_id] + tokenizer.encode(text)
-    emitted = []
-
-    def stream(step, tokens):
-        if tokens[0] >= 0 and tokens[0] != tokenizer.eos_id:
-            emitted.append(int(tokens[0]))
-            text = tokenizer.decode(emitted)
-            print(text[len(tokenizer.decode(emitted[:-1])):], end="", flush=True)
-
-    with jax.set_mesh(mesh):
-        generate(params, [prompt], config=config, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, seed=args.seed, stop_tokens=(tokenizer.eos_id,), on_tokens=stream)
-    print()
+    _answer(args, mesh, config, params, tokenizer)
 
 
 def _answer(args, mesh, config, params, tokenizer):
-    """generate --video (a question about a clip) and --batch: answers streamed, or one JSON line a row."""
+    """generate: the prompt's continuation (or with --video the answer about the clip) streamed, or with
+    --batch one JSON line a row."""
     import jax
 
     from model_zoo.corpus import chat_prompt

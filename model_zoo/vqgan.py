@@ -162,8 +162,8 @@ def _shapes(config: VQGANConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(config: VQGANConfig, key) -> dict[str, jax.Array]:
     """PyTorch's default initialisation (uniform in +-1/sqrt(fan_in)); the codebook uniform in +-1/num_codes."""
-    params = {}
-    for i, (name, shape) in enumerate(sorted(_shapes(config).items())):
+    params, shapes = {}, _shapes(config)
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
         k = jax.random.fold_in(key, i)
         if name == "quantize.embedding.weight":
             params[name] = jax.random.uniform(k, shape, jnp.float32, -1 / config.num_codes, 1 / config.num_codes)
@@ -171,7 +171,7 @@ def init_params(config: VQGANConfig, key) -> dict[str, jax.Array]:
             params[name] = jnp.ones(shape) if name.endswith("weight") else jnp.zeros(shape)
         else:
             conv = name.rsplit(".", 1)[0] + ".weight"
-            fan_in = int(np.prod(_shapes(config)[conv][:3]))
+            fan_in = int(np.prod(shapes[conv][:3]))
             params[name] = jax.random.uniform(k, shape, jnp.float32, -(fan_in**-0.5), fan_in**-0.5)
     return params
 

@@ -5,6 +5,7 @@ generates from captions show the caption's colour and motion (read from their pi
 import jax
 import numpy as np
 import pytest
+from conftest import bench_script
 
 from model_zoo import make_mesh, world
 from model_zoo.__main__ import main
@@ -19,23 +20,13 @@ from reference.world import draw_truth, pil_clip
 MODEL = "lwm-tiny-vision"
 
 
-def pil_clips(seed, n):
-    rng = np.random.default_rng(seed)
-    truths, frames = [], []
-    for _ in range(n):
-        colour, shape, direction, size, left, top = draw_truth(rng)
-        truths.append(world.Clip(colour, shape, direction, size, left + size / 2, top + size / 2))
-        frames.append(pil_clip(colour, shape, direction, size, left, top))
-    return truths, frames
-
-
 @pytest.fixture(scope="module")
 def scores():
     assert MODEL in shipped_models()
     folder = resolve_model(MODEL)
     mesh = make_mesh(sp=8)
     config, params = load_model(folder, mesh=mesh)
-    truths, frames = pil_clips(2026, 40)
+    truths, frames = bench_script("world_eval").pil_clips(2026, 40)  # the benchmark's PIL clips
     with jax.set_mesh(mesh):
         return evaluate_world(params, config, VQGAN.load(folder / "vqgan"), model_tokenizer(folder), truths, frames,
                               seed=7)
