@@ -185,9 +185,14 @@ def build_parser():
         "world", help="train the tiny world end to end: its VQGAN, then TINY with vision on the ring, scored and "
                       "exported to WORKDIR/model (about an hour on 2 cores; a rerun resumes)")
     world_cmd.add_argument("--workdir", required=True, type=pathlib.Path)
-    world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps (default 3000)")
-    world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 5000)")
-    world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered (default 4000)")
+    world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps a round (default 3000)")
+    world_cmd.add_argument("--rounds", type=_positive_int,
+                           help="LWM training rounds, each on fresh clips from the one before (default 2)")
+    world_cmd.add_argument("--vqgan-steps", type=_positive_int,
+                           help="VQGAN training steps with 512 codes (default 5000)")
+    world_cmd.add_argument("--vqgan-refit-steps", type=_positive_int,
+                           help="VQGAN training steps after its codebook is refit to 64 codes (default 1500)")
+    world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered a round (default 4000)")
     world_cmd.add_argument("--eval-clips", type=_positive_int, help="fresh clips the exported model is scored on "
                                                                     "(default 60)")
     world_cmd.add_argument("--no-progress", action="store_true")
@@ -613,8 +618,9 @@ def _world(args):
 
     from model_zoo.world_recipe import WorldRecipe, run_world_recipe
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("vqgan_steps", args.vqgan_steps), ("clips", args.clips),
-                                   ("eval_clips", args.eval_clips)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("vqgan_steps", args.vqgan_steps),
+                                   ("vqgan_refit_steps", args.vqgan_refit_steps), ("clips", args.clips),
+                                   ("rounds", args.rounds), ("eval_clips", args.eval_clips)) if v is not None}
     recipe = dataclasses.replace(WorldRecipe(), **overrides)
     command = " ".join(["python", "-m", "model_zoo", *(args.argv or sys.argv[1:])])
     out = run_world_recipe(recipe, args.workdir, progress=not args.no_progress, command=command)

@@ -1,7 +1,16 @@
 """Scores a vision model on the procedural world (`model_zoo.world`): the VQGAN's reconstruction
 error, the answer accuracy per question kind, and, for clips generated from captions, whether the
-dominant colour is the caption's and the shape moves the captioned way (read from the pixels)."""
+dominant colour is the caption's and the shape moves the captioned way (read from the pixels).
 
+Two figures say where a miss comes from: the same pixel scorers on the VQGAN's reconstructions of
+the true clips (what a model that wrote the true codes would score: the VQGAN's ceiling), and how
+often the model's most likely code is the true one, frame by frame, with the true clip before it
+(a model that carries the last frame forward predicts later frames better than the first)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model_zoo import world
@@ -26,6 +35,49 @@ def generated_matches(frames, clip: world.Clip) -> dict[str, bool]:
         except ValueError:
             result[kind] = False
     return result
+
+
+def vqgan_ceiling(vqgan, truths, codes) -> dict[str, float]:
+    """The generated-clip scores of the VQGAN's reconstructions of the true clips (their `codes`)."""
+    matches = [generated_matches(vqgan.decode_codes(c), t) for c, t in zip(codes, truths)]
+    return {kind: float(np.mean([m[kind] for m in matches])) for kind in ("colour", "motion")}
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _vision_logits(params, tokens, vision_mask, config):
+    from model_zoo.model import hidden_states, vision_logits
+
+    return vision_logits(params, hidden_states(params, tokens, config=config, vision_mask=vision_mask))
+
+
+def next_code_accuracy(params, config, tokenizer, captions, codes, *, num_codes) -> list[float]:
+    """Per frame, the fraction of codes that the model's most likely code (of the first `num_codes`, as
+    generation draws them) gets right, each clip (int [F, n]) asked for by its caption
+    (`generation_prompt`) with the true codes before it (teacher forcing)."""
+    from model_zoo.generate import cache_length
+    from model_zoo.vision_data import clip_tokens, generation_prompt
+
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh = None if mesh.empty else mesh
+    rows = []
+    for caption, clip in zip(captions, codes):
+        prompt = generation_prompt(tokenizer, caption)[0]
+        rows.append((len(prompt), np.concatenate([prompt, clip_tokens(clip)])))
+    length = cache_length(max(len(ids) for _, ids in rows), 0, config, mesh)
+    batch = len(rows) if mesh is None else -(-len(rows) // (mesh.shape["dp"] * mesh.shape["fsdp"])) * (
+        mesh.shape["dp"] * mesh.shape["fsdp"])
+    tokens = np.zeros((batch, length), np.int32)
+    vision = np.zeros((batch, length), bool)
+    for i, (start, ids) in enumerate(rows):
+        tokens[i, : len(ids)], vision[i, start : len(ids)] = ids, True
+    predicted = np.asarray(jnp.argmax(_vision_logits(params, tokens, vision, config)[..., :num_codes], axis=-1))
+    frames, per_frame = np.shape(codes[0])
+    right = np.zeros(frames)
+    for i, (start, _) in enumerate(rows):
+        for f in range(frames):
+            at = start + f * (per_frame + 1) + np.arange(per_frame)  # each frame's codes, then <eof>
+            right[f] += np.mean(predicted[i, at - 1] == tokens[i, at])
+    return (right / len(rows)).tolist()
 
 
 def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20, cfg_scale=3.0, temperature=1.0,
@@ -54,4 +106,10 @@ def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20
                     matches[kind] += ok
         scores.update({f"generated_{k}": v / len(truths) for k, v in matches.items()})
         scores["generation"] = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "seed": seed}
+        scores["vqgan_ceiling"] = vqgan_ceiling(vqgan, truths, codes)
+        parts = [slice(i, i + batch) for i in range(0, len(truths), batch)]
+        accuracy = [next_code_accuracy(params, config, tokenizer, [t.caption for t in truths[part]], codes[part],
+                                       num_codes=vqgan.num_codes) for part in parts]
+        sizes = [len(truths[part]) for part in parts]
+        scores["next_code_accuracy"] = np.average(accuracy, axis=0, weights=sizes).round(4).tolist()
     return scores

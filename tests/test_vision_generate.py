@@ -12,7 +12,9 @@ from model_zoo import TINY, init_params, make_mesh
 from model_zoo.config import EOF_TOKEN
 from model_zoo.generate import generate
 from model_zoo.model import hidden_states, text_logits, vision_logits
-from model_zoo.vision_generate import generate_clips
+from model_zoo.tokenizer import default_tokenizer
+from model_zoo.vision_generate import clips_from_captions, generate_clips
+from model_zoo.world_eval import next_code_accuracy
 
 SMALL = TINY.replace(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                      vision=True)
@@ -107,3 +109,22 @@ def test_a_clip_in_the_prompt_reads_through_the_vision_table(params):
         without = generate(params, [prompt], config=SMALL, max_new_tokens=steps)
     assert got == [expected]
     assert without != got  # the same ids read as text give another answer
+
+
+def test_greedy_clips_are_their_own_next_code_predictions():
+    """`next_code_accuracy` (teacher forcing, dense over the ring) against the cached decode: the
+    codes greedy generation chose are every step's most likely code; a changed frame is not."""
+    config = SMALL.replace(vocab_size=TINY.vocab_size)
+    params = jax.tree.map(lambda p: p * 3 if p.ndim > 1 else p, init_params(config, jax.random.key(5)))
+    tokenizer = default_tokenizer()
+    captions = ["a red circle moving left", "a blue square moving up", "a white triangle moving down"]
+    kw = dict(num_codes=CODES)
+    with jax.set_mesh(make_mesh(sp=8)):
+        codes = clips_from_captions(params, config, tokenizer, captions, frames=FRAMES,
+                                    tokens_per_frame=TOKENS_PER_FRAME, cfg_scale=1.0, temperature=0.0, **kw)
+        assert next_code_accuracy(params, config, tokenizer, captions, codes, **kw) == [1.0] * FRAMES
+        changed = codes.copy()
+        changed[:, 1] = (codes[:, 1] + np.random.default_rng(6).integers(1, CODES, codes[:, 1].shape)) % CODES
+        accuracy = next_code_accuracy(params, config, tokenizer, captions, changed, **kw)
+    assert len(np.unique(codes)) > 3  # not a constant clip
+    assert accuracy[0] == 1.0 and accuracy[1] < 1.0  # a changed frame's first code is never the greedy one

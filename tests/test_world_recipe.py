@@ -1,5 +1,6 @@
 """The world recipe end to end at toy sizes: VQGAN, rows, LWM on the ring, scores, the model folder
-(which the vision commands then run); a rerun resumes instead of starting over; the rows' layout."""
+(which the vision commands then run); a rerun resumes instead of starting over, and a later round
+starts from the round before on fresh clips; the rows' layout."""
 
 import json
 
@@ -14,16 +15,20 @@ from model_zoo.world_recipe import WORLD_MODEL
 
 
 def test_recipe_at_toy_sizes_then_its_model_runs(tmp_path, capsys):
-    argv = ["world", "--workdir", str(tmp_path), "--steps", "2", "--vqgan-steps", "3", "--clips", "4",
-            "--eval-clips", "2", "--no-progress"]
+    argv = ["world", "--workdir", str(tmp_path), "--steps", "2", "--vqgan-steps", "3", "--vqgan-refit-steps", "2",
+            "--clips", "4", "--eval-clips", "2", "--rounds", "1", "--no-progress"]
     assert main(argv) == 0
     model = tmp_path / "model"
     provenance = json.loads((model / "provenance.json").read_text())
     assert provenance["steps"] == 2 and provenance["world_eval"]["clips"] == 2
     for key in ("answer_colour", "answer_shape", "answer_direction", "generated_colour", "generated_motion"):
         assert 0 <= provenance["world_eval"][key] <= 1
+    assert len(provenance["world_eval"]["next_code_accuracy"]) == world.FRAMES
     assert json.loads((model / "model.json").read_text())["config"]["vision"] is True
-    assert (model / "vqgan" / "config.json").is_file()
+    # the VQGAN's two runs: 512 codes, then the codebook LWM reads, refit from the first run's encoder
+    assert [(r["config"]["num_codes"], r["init_from"]) for r in provenance["vqgan"]["runs"]] == [
+        (512, None), (64, str(tmp_path / "vqgan-large" / "vqgan"))]
+    assert json.loads((model / "vqgan" / "config.json").read_text())["num_vq_embeddings"] == 64
     rows = [json.loads(line) for line in (tmp_path / "data" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and sum("question" in r for r in rows) == 4
     clip = tmp_path / "clip.gif"
@@ -31,10 +36,17 @@ def test_recipe_at_toy_sizes_then_its_model_runs(tmp_path, capsys):
                  "--out", str(clip)]) == 0
     assert main(["generate", "--model", str(model), "--video", str(clip), "--prompt", "What colour is the shape?",
                  "--max-new-tokens", "3"]) == 0
-    # done steps are not redone: a rerun with more LWM steps resumes from the checkpoint
+    # done steps are not redone: a rerun asking for a second round resumes the first from its checkpoint,
+    # then trains the second from the first's parameters on clips of its own
     capsys.readouterr()
-    assert main([*argv[:4], "4", *argv[5:]]) == 0
-    assert "resuming from the checkpoint at step 2" in capsys.readouterr().out
+    assert main([*argv[:-2], "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from the checkpoint at step 2" in out
+    assert f"starting from the parameters in {tmp_path / 'lwm'}" in out
+    provenance = json.loads((model / "provenance.json").read_text())
+    assert provenance["steps"] == 4 and [r["steps"] for r in provenance["rounds"]] == [2, 2]
+    second = [json.loads(line) for line in (tmp_path / "data" / "rows-2.jsonl").read_text().splitlines()]
+    assert len(second) == 8 and second != rows
 
 
 def test_world_rows_as_the_model_reads_them():
