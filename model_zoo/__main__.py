@@ -188,10 +188,7 @@ def build_parser():
     world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps a round (default 3000)")
     world_cmd.add_argument("--rounds", type=_positive_int,
                            help="LWM training rounds, each on fresh clips from the one before (default 2)")
-    world_cmd.add_argument("--vqgan-steps", type=_positive_int,
-                           help="VQGAN training steps with 512 codes (default 5000)")
-    world_cmd.add_argument("--vqgan-refit-steps", type=_positive_int,
-                           help="VQGAN training steps after its codebook is refit to 64 codes (default 1500)")
+    world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 5000)")
     world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered a round (default 4000)")
     world_cmd.add_argument("--eval-clips", type=_positive_int, help="fresh clips the exported model is scored on "
                                                                     "(default 60)")
@@ -618,8 +615,7 @@ def _world(args):
 
     from model_zoo.world_recipe import WorldRecipe, run_world_recipe
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("vqgan_steps", args.vqgan_steps),
-                                   ("vqgan_refit_steps", args.vqgan_refit_steps), ("clips", args.clips),
+    overrides = {k: v for k, v in (("steps", args.steps), ("vqgan_steps", args.vqgan_steps), ("clips", args.clips),
                                    ("rounds", args.rounds), ("eval_clips", args.eval_clips)) if v is not None}
     recipe = dataclasses.replace(WorldRecipe(), **overrides)
     command = " ".join(["python", "-m", "model_zoo", *(args.argv or sys.argv[1:])])

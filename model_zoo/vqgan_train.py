@@ -22,15 +22,7 @@ import numpy as np
 import optax
 
 from model_zoo import world
-from model_zoo.vqgan import (
-    VQGANConfig,
-    decode_latents,
-    encode_latents,
-    init_params,
-    load_diffusers,
-    nearest_codes,
-    save_diffusers,
-)
+from model_zoo.vqgan import VQGANConfig, decode_latents, encode_latents, init_params, nearest_codes, save_diffusers
 
 # The world's VQGAN: LWM's architecture at 64 x 64, a frame becoming 8 x 8 codes.
 WORLD_VQGAN = VQGANConfig(resolution=64, hidden_channels=16, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
@@ -49,9 +41,6 @@ class VQGANTraining:
     restart_every: int = 100  # steps between restarts of unused codes
     save_every: int = 250
     seed: int = 0
-    # A trained VQGAN folder whose encoder and decoder start the run (same architecture; the codebook
-    # may differ in size: it is refit by k-means at `autoencoder_steps`, which is then usually 0).
-    init_from: str | None = None
 
 
 def losses(params, frames, config: VQGANConfig, commitment: float, quantize: bool = True, shape_weight: float = 0.0):
@@ -100,16 +89,6 @@ def _kmeans_codebook(params, latents_of, frames_fn, run: VQGANTraining, iteratio
     return {**params, "quantize.embedding.weight": jnp.asarray(centres, jnp.float32)}
 
 
-def _start_from(folder, config: VQGANConfig, params):
-    """`params` with every array but the codebook taken from the VQGAN in `folder`."""
-    theirs, loaded = load_diffusers(folder)
-    if dataclasses.replace(theirs, num_codes=config.num_codes) != config:
-        raise ValueError(f"init_from={str(folder)!r} holds a VQGAN of another architecture: {theirs}, "
-                         f"this run trains {config} (only num_codes may differ)")
-    codebook = "quantize.embedding.weight"
-    return {name: value if name == codebook else jnp.asarray(loaded[name]) for name, value in params.items()}
-
-
 def _restart_unused(params, latents, counts, key):
     """Codes no frame chose since the last restart take latents drawn from the batch (a standard fix
     for codebook collapse: a code far from every latent never gets a gradient)."""
@@ -128,8 +107,6 @@ def train_vqgan(run: VQGANTraining, workdir, *, progress=True, frames_fn=world_f
     config = run.config
     tx = optax.adam(run.learning_rate)
     params = init_params(config, jax.random.key(run.seed))
-    if run.init_from is not None:
-        params = _start_from(run.init_from, config, params)
     state = {"params": params, "opt": tx.init(params), "counts": jnp.zeros(config.num_codes, jnp.int32)}
     start = 0
     saved = workdir / "state.npz"

@@ -4,12 +4,7 @@ caption -> clip and clip -> question/answer rows over the ring, then scored and 
 `python -m model_zoo world --workdir W` runs the steps below; each leaves its result in W and a
 rerun skips what is done and resumes what was stopped (the VQGAN and LWM both checkpoint):
 
-1. The VQGAN (`model_zoo.vqgan_train`, `WORLD_VQGAN`: a 64 x 64 frame -> 8 x 8 codes), in two runs:
-   `W/vqgan-large` with a codebook of 512, then `W/vqgan-run`, its encoder and decoder with the
-   codebook refit by k-means to 64 codes and trained on. The smaller codebook is what LWM reads:
-   with 512, the black background alone took over 400 codes, chosen by faint traces of where the
-   shape is, and a frame's codes could not be predicted from the frame before; with 64 the codes
-   are fewer and steadier, and the reconstructions better (bench/RESULTS.md, "The tiny world").
+1. `W/vqgan-run`: the VQGAN (`model_zoo.vqgan_train`, `WORLD_VQGAN`: a 64 x 64 frame -> 8 x 8 codes).
 2. Rounds of LWM training, each on clips drawn fresh for it (rendering is cheap, so a round sees
    new clips where more epochs would repeat old ones); round 1 starts from random parameters,
    each later round from the round before it, with its own warm-up and cosine decay:
@@ -33,7 +28,7 @@ import numpy as np
 from model_zoo import world
 from model_zoo.config import TINY
 from model_zoo.vqgan import VQGAN
-from model_zoo.vqgan_train import WORLD_VQGAN, VQGANTraining, train_vqgan
+from model_zoo.vqgan_train import VQGANTraining, train_vqgan
 
 WORLD_MODEL = TINY.replace(vision=True)
 UNCONDITIONAL_FRACTION = 0.1
@@ -42,8 +37,6 @@ UNCONDITIONAL_FRACTION = 0.1
 @dataclasses.dataclass(frozen=True)
 class WorldRecipe:
     vqgan_steps: int = 5000  # the first fifth without the quantiser (model_zoo.vqgan_train)
-    vqgan_codes: int = 64  # the codebook LWM reads, refit from the first run's 512
-    vqgan_refit_steps: int = 1500
     clips: int = 4000
     steps: int = 3000  # a round
     rounds: int = 2
@@ -55,9 +48,9 @@ class WorldRecipe:
     seed: int = 0
 
 
-def world_rows(vqgan: VQGAN, clips: int, seed: int, *, round: int = 1, batch: int = 64) -> list[dict]:
-    """Training rows (JSON-ready) of `clips` fresh clips for training round `round`, encoded by `vqgan`."""
-    rng = np.random.default_rng([seed, 1] if round == 1 else [seed, 1, round])
+def world_rows(vqgan: VQGAN, clips: int, seed: int, *, training_round: int = 1, batch: int = 64) -> list[dict]:
+    """Training rows (JSON-ready) of `clips` fresh clips for training round `training_round`, encoded by `vqgan`."""
+    rng = np.random.default_rng([seed, 1] if training_round == 1 else [seed, 1, training_round])
     rows = []
     for start in range(0, clips, batch):
         drawn = [world.random_clip(rng) for _ in range(min(batch, clips - start))]
@@ -84,16 +77,11 @@ def run_world_recipe(recipe: WorldRecipe, workdir, *, progress=True, command=Non
     if command:
         with open(workdir / "commands.log", "a") as log:
             log.write(command + "\n")
-    large, vqgan_dir = workdir / "vqgan-large", workdir / "vqgan-run"
+    vqgan_dir = workdir / "vqgan-run"
     if not (vqgan_dir / "vqgan" / "config.json").is_file():
-        if not (large / "vqgan" / "config.json").is_file():
-            run = VQGANTraining(steps=recipe.vqgan_steps, autoencoder_steps=recipe.vqgan_steps // 5, seed=recipe.seed,
-                                restart_every=min(100, max(1, recipe.vqgan_steps // 6)))
-            train_vqgan(run, large, progress=progress)
-        refit = VQGANTraining(config=dataclasses.replace(WORLD_VQGAN, num_codes=recipe.vqgan_codes),
-                              steps=recipe.vqgan_refit_steps, autoencoder_steps=0, seed=recipe.seed,
-                              restart_every=min(100, recipe.vqgan_refit_steps), init_from=str(large / "vqgan"))
-        train_vqgan(refit, vqgan_dir, progress=progress)
+        run = VQGANTraining(steps=recipe.vqgan_steps, autoencoder_steps=recipe.vqgan_steps // 5, seed=recipe.seed,
+                            restart_every=min(100, max(1, recipe.vqgan_steps // 6)))
+        train_vqgan(run, vqgan_dir, progress=progress)
     vqgan = VQGAN.load(vqgan_dir / "vqgan")
     for k in range(1, recipe.rounds + 1):
         rows_path = _round_rows(workdir, k)
@@ -101,7 +89,7 @@ def run_world_recipe(recipe: WorldRecipe, workdir, *, progress=True, command=Non
             rows_path.parent.mkdir(parents=True, exist_ok=True)
             partial = rows_path.with_suffix(".partial")
             with open(partial, "w") as out:
-                for row in world_rows(vqgan, recipe.clips, recipe.seed, round=k):
+                for row in world_rows(vqgan, recipe.clips, recipe.seed, training_round=k):
                     out.write(json.dumps(row) + "\n")
             partial.replace(rows_path)
         cfg = TrainConfig(
@@ -146,9 +134,7 @@ def export_world_model(workdir, recipe: WorldRecipe) -> pathlib.Path:
     rounds = [read_metrics(_round_dir(workdir, k) / "metrics.jsonl") for k in range(1, recipe.rounds + 1)]
     metrics = [r for round_metrics in rounds for r in round_metrics]
     vq_metrics = [json.loads(line) for line in open(workdir / "vqgan-run" / "metrics.jsonl")]
-    # every VQGAN run's settings: the large codebook's (when this workdir trained one), then the refit's
-    vq_runs = [json.loads(line) for name in ("vqgan-large", "vqgan-run") if (workdir / name / "runs.jsonl").is_file()
-               for line in open(workdir / name / "runs.jsonl")]
+    vq_runs = [json.loads(line) for line in open(workdir / "vqgan-run" / "runs.jsonl")]
     provenance = {
         "commands": (workdir / "commands.log").read_text().splitlines() if (workdir / "commands.log").exists()
         else [],

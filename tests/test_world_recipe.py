@@ -15,8 +15,8 @@ from model_zoo.world_recipe import WORLD_MODEL
 
 
 def test_recipe_at_toy_sizes_then_its_model_runs(tmp_path, capsys):
-    argv = ["world", "--workdir", str(tmp_path), "--steps", "2", "--vqgan-steps", "3", "--vqgan-refit-steps", "2",
-            "--clips", "4", "--eval-clips", "2", "--rounds", "1", "--no-progress"]
+    argv = ["world", "--workdir", str(tmp_path), "--steps", "2", "--vqgan-steps", "3", "--clips", "4",
+            "--eval-clips", "2", "--rounds", "1", "--no-progress"]
     assert main(argv) == 0
     model = tmp_path / "model"
     provenance = json.loads((model / "provenance.json").read_text())
@@ -25,10 +25,7 @@ def test_recipe_at_toy_sizes_then_its_model_runs(tmp_path, capsys):
         assert 0 <= provenance["world_eval"][key] <= 1
     assert len(provenance["world_eval"]["next_code_accuracy"]) == world.FRAMES
     assert json.loads((model / "model.json").read_text())["config"]["vision"] is True
-    # the VQGAN's two runs: 512 codes, then the codebook LWM reads, refit from the first run's encoder
-    assert [(r["config"]["num_codes"], r["init_from"]) for r in provenance["vqgan"]["runs"]] == [
-        (512, None), (64, str(tmp_path / "vqgan-large" / "vqgan"))]
-    assert json.loads((model / "vqgan" / "config.json").read_text())["num_vq_embeddings"] == 64
+    assert (model / "vqgan" / "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "data" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and sum("question" in r for r in rows) == 4
     clip = tmp_path / "clip.gif"
