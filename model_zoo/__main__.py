@@ -183,7 +183,8 @@ def build_parser():
 
     world_cmd = commands.add_parser(
         "world", help="train the tiny world end to end: its VQGAN, then TINY with vision on the ring, scored and "
-                      "exported to WORKDIR/model (about 1 h 45 min on 2 cores, an hour with --rounds 1; a rerun resumes)")
+                      "exported to WORKDIR/model (about 1 h 45 min on 2 cores, an hour with --rounds 1; a rerun "
+                      "resumes)")
     world_cmd.add_argument("--workdir", required=True, type=pathlib.Path)
     world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps a round (default 3000)")
     world_cmd.add_argument("--rounds", type=_positive_int,
