@@ -183,12 +183,12 @@ def build_parser():
 
     world_cmd = commands.add_parser(
         "world", help="train the tiny world end to end: its VQGAN, then TINY with vision on the ring, scored and "
-                      "exported to WORKDIR/model (about 1 h 45 min on 2 cores, an hour with --rounds 1; a rerun "
+                      "exported to WORKDIR/model (about 2 h 20 min on 2 cores, an hour with --rounds 1; a rerun "
                       "resumes)")
     world_cmd.add_argument("--workdir", required=True, type=pathlib.Path)
     world_cmd.add_argument("--steps", type=_positive_int, help="LWM training steps a round (default 3000)")
     world_cmd.add_argument("--rounds", type=_positive_int,
-                           help="LWM training rounds, each on fresh clips from the one before (default 2)")
+                           help="LWM training rounds, each on fresh clips from the one before (default 3)")
     world_cmd.add_argument("--vqgan-steps", type=_positive_int, help="VQGAN training steps (default 5000)")
     world_cmd.add_argument("--clips", type=_positive_int, help="training clips rendered a round (default 4000)")
     world_cmd.add_argument("--eval-clips", type=_positive_int, help="fresh clips the exported model is scored on "

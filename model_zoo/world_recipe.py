@@ -39,7 +39,7 @@ class WorldRecipe:
     vqgan_steps: int = 5000  # the first fifth without the quantiser (model_zoo.vqgan_train)
     clips: int = 4000
     steps: int = 3000  # a round
-    rounds: int = 2
+    rounds: int = 3
     rows: int = 4
     seq_len: int = 1200  # two clips' rows (about 585 tokens each) a row
     learning_rate: float = 2e-3  # round 1's peak
