@@ -54,30 +54,24 @@ def next_code_accuracy(params, config, tokenizer, captions, codes, *, num_codes)
     """Per frame, the fraction of codes that the model's most likely code (of the first `num_codes`, as
     generation draws them) gets right, each clip (int [F, n]) asked for by its caption
     (`generation_prompt`) with the true codes before it (teacher forcing)."""
-    from model_zoo.generate import cache_length
+    from model_zoo.generate import prompt_batch
     from model_zoo.vision_data import clip_tokens, generation_prompt
 
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh = None if mesh.empty else mesh
-    rows = []
+    rows, masks, starts = [], [], []
     for caption, clip in zip(captions, codes):
-        prompt = generation_prompt(tokenizer, caption)[0]
-        rows.append((len(prompt), np.concatenate([prompt, clip_tokens(clip)])))
-    length = cache_length(max(len(ids) for _, ids in rows), 0, config, mesh)
-    batch = len(rows) if mesh is None else -(-len(rows) // (mesh.shape["dp"] * mesh.shape["fsdp"])) * (
-        mesh.shape["dp"] * mesh.shape["fsdp"])
-    tokens = np.zeros((batch, length), np.int32)
-    vision = np.zeros((batch, length), bool)
-    for i, (start, ids) in enumerate(rows):
-        tokens[i, : len(ids)], vision[i, start : len(ids)] = ids, True
+        prompt, clip_ids = generation_prompt(tokenizer, caption)[0], clip_tokens(clip)
+        rows.append([*prompt.tolist(), *clip_ids.tolist()])
+        masks.append([False] * len(prompt) + [True] * len(clip_ids))
+        starts.append(len(prompt))
+    tokens, _, vision = prompt_batch(rows, 0, config, vision_masks=masks)
     predicted = np.asarray(jnp.argmax(_vision_logits(params, tokens, vision, config)[..., :num_codes], axis=-1))
     frames, per_frame = np.shape(codes[0])
     right = np.zeros(frames)
-    for i, (start, _) in enumerate(rows):
+    for i, start in enumerate(starts):
         for f in range(frames):
             at = start + f * (per_frame + 1) + np.arange(per_frame)  # each frame's codes, then <eof>
             right[f] += np.mean(predicted[i, at - 1] == tokens[i, at])
-    return (right / len(rows)).tolist()
+    return (right / len(starts)).tolist()
 
 
 def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20, cfg_scale=3.0, temperature=1.0,
