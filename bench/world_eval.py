@@ -5,6 +5,7 @@ pixels by `model_zoo.world`'s scorers). Writes bench/results/world.json and a gr
 clips (bench/results/world_generated.gif) with their captions (world_generated.md).
 
     python bench/world_eval.py --model lwm-tiny-vision --clips 200
+    python bench/world_eval.py --clips 100 --seed 777 --cfg-scale 3 --out /tmp/cfg3   # a sampling setting, held out
 """
 
 import argparse
@@ -27,7 +28,7 @@ from model_zoo.media import write_frames  # noqa: E402
 from model_zoo.sharding import make_mesh  # noqa: E402
 from model_zoo.shipped import resolve_model  # noqa: E402
 from model_zoo.tokenizer import model_tokenizer  # noqa: E402
-from model_zoo.vision_generate import clips_from_captions  # noqa: E402
+from model_zoo.vision_generate import DEFAULT_CFG_SCALE, clips_from_captions  # noqa: E402
 from model_zoo.vqgan import VQGAN  # noqa: E402
 from model_zoo.world_eval import evaluate_world  # noqa: E402
 from reference.world import draw_truth, pil_clip  # noqa: E402
@@ -51,7 +52,9 @@ def main(argv=None):
     parser.add_argument("--model", default="lwm-tiny-vision")
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--seed", type=int, default=12345)
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
     parser.add_argument("--grid", type=int, default=8, help="generated clips shown in the README's grid")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -64,11 +67,12 @@ def main(argv=None):
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         scores = evaluate_world(params, config, vqgan, tokenizer, truths, frames, cfg_scale=args.cfg_scale,
-                                seed=args.seed)
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         shown = truths[: args.grid]
         codes = clips_from_captions(params, config, tokenizer, [t.caption for t in shown], frames=world.FRAMES,
                                     tokens_per_frame=vqgan.tokens_per_frame, num_codes=vqgan.num_codes,
-                                    cfg_scale=args.cfg_scale, seed=args.seed + 1)
+                                    cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                                    seed=args.seed + 1)
     scores.update(model=str(args.model), renderer="reference.world (PIL)", seed=args.seed,
                   seconds=round(time.perf_counter() - start, 1))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -174,8 +174,10 @@ def build_parser():
     video.add_argument("--batch", type=pathlib.Path, metavar="ROWS.jsonl",
                        help="one caption a JSON line ('prompt'); each clip is written beside --out and its row, with "
                             "'video' set to the clip's path, to --out")
-    video.add_argument("--cfg-scale", type=float, default=3.0,
-                       help="classifier-free guidance against LWM's unconditional <s><vision> (default 3; 1: none)")
+    video.add_argument("--cfg-scale", type=float,
+                       help="classifier-free guidance against LWM's unconditional <s><vision> (1: none; "
+                            "default: model_zoo.vision_generate.DEFAULT_CFG_SCALE, the scale chosen for "
+                            "lwm-tiny-vision)")
     video.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     video.add_argument("--top-k", type=_positive_int, help="sample from the k most likely codes (default: all)")
     video.add_argument("--seed", type=int, default=0)
@@ -577,8 +579,9 @@ def _generate_video(args):
     import jax
 
     from model_zoo.media import write_frames
-    from model_zoo.vision_generate import clips_from_captions
+    from model_zoo.vision_generate import DEFAULT_CFG_SCALE, clips_from_captions
 
+    cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     if (args.batch is None) == (args.prompt is None):
         raise ValueError("give --prompt CAPTION, or --batch ROWS.jsonl")
     rows = _batch_rows(args.batch, "prompt") if args.batch else [{"prompt": args.prompt}]
@@ -595,7 +598,7 @@ def _generate_video(args):
     with jax.set_mesh(mesh):
         codes = clips_from_captions(
             params, config, tokenizer, [r["prompt"] for r in rows], frames=args.frames,
-            tokens_per_frame=vqgan.tokens_per_frame, num_codes=vqgan.num_codes, cfg_scale=args.cfg_scale,
+            tokens_per_frame=vqgan.tokens_per_frame, num_codes=vqgan.num_codes, cfg_scale=cfg_scale,
             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
             on_frame=lambda f, _: print(f"frame {f + 1}/{args.frames}", flush=True))
     if args.batch is None:

@@ -21,6 +21,10 @@ from model_zoo.config import EOF_TOKEN
 from model_zoo.generate import prompt_batch
 from model_zoo.model import decode_hidden, hidden_states, vision_logits
 
+# The guidance scale `generate-video` uses unless told: chosen for lwm-tiny-vision on 100 held-out
+# clips (generated motion right 0.84 at 3, 0.91 at 2, 0.90 at 1.5, 0.57 at 5; bench/RESULTS.md).
+DEFAULT_CFG_SCALE = 2.0
+
 
 def sample_codes(logits, key, *, num_codes, temperature=1.0, top_k=None):
     """A code per row from vision logits [B, V]: only the first `num_codes` entries (the VQGAN's
@@ -122,8 +126,8 @@ def answer_about_clips(params, config, tokenizer, codes, questions, *, max_new_t
     return [tokenizer.decode([t for t in tokens if t != tokenizer.eos_id]).strip() for tokens in out]
 
 
-def clips_from_captions(params, config, tokenizer, captions, *, frames, tokens_per_frame, num_codes, cfg_scale=3.0,
-                        temperature=1.0, top_k=None, seed=0, on_frame=None) -> np.ndarray:
+def clips_from_captions(params, config, tokenizer, captions, *, frames, tokens_per_frame, num_codes,
+                        cfg_scale=DEFAULT_CFG_SCALE, temperature=1.0, top_k=None, seed=0, on_frame=None) -> np.ndarray:
     """Codes [len(captions), frames, tokens_per_frame] of a clip per caption, asked for as LWM asks
     (`model_zoo.vision_data.generation_prompt`), guided against LWM's unconditional `<s><vision>`."""
     from model_zoo.vision_data import VISION_START, generation_prompt

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model_zoo import world
-from model_zoo.vision_generate import answer_about_clips, clips_from_captions
+from model_zoo.vision_generate import DEFAULT_CFG_SCALE, answer_about_clips, clips_from_captions
 from model_zoo.vqgan_train import reconstruction_error
 
 
@@ -74,7 +74,8 @@ def next_code_accuracy(params, config, tokenizer, captions, codes, *, num_codes)
     return (right / len(starts)).tolist()
 
 
-def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20, cfg_scale=3.0, temperature=1.0,
+def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20, cfg_scale=DEFAULT_CFG_SCALE,
+                   temperature=1.0,
                    top_k=None, seed=0, generate=True) -> dict:
     """Scores on clips `frames` (uint8 [8, 64, 64, 3] each) whose contents are `truths` (world.Clip)."""
     frames = [np.asarray(f) for f in frames]

@@ -32,12 +32,8 @@ def scores():
                               seed=7)
 
 
-# The targets: every answer kind >= 0.9, generated colour >= 0.9 and motion >= 0.8. Motion is not met
-# (0.795 on the benchmark's 200 clips, chance 0.25; bench/RESULTS.md), and on 40 clips it lies within
-# a clip or two of 0.8 either way, by JAX version: the test keeps a floor well under what is reached.
-MOTION_FLOOR = 0.55
-
-
+# The targets: every answer kind >= 0.9, generated colour >= 0.9 and motion >= 0.8 (on the benchmark's 200
+# clips: 1.00 / 0.98 / 0.99, 0.97 and 0.90; bench/RESULTS.md).
 @pytest.mark.parametrize("kind", ["colour", "shape", "direction"])
 def test_answers(scores, kind):
     assert scores[f"answer_{kind}"] >= 0.9, scores
@@ -47,8 +43,8 @@ def test_generated_clips_show_the_captioned_colour(scores):
     assert scores["generated_colour"] >= 0.9, scores
 
 
-def test_generated_clips_move_the_captioned_way_more_often_than_chance(scores):
-    assert scores["generated_motion"] >= MOTION_FLOOR, scores
+def test_generated_clips_move_the_captioned_way(scores):
+    assert scores["generated_motion"] >= 0.8, scores
 
 
 def test_the_commands_run_on_the_shipped_model(tmp_path, capsys):
