@@ -1,5 +1,6 @@
-"""LWM's VQGAN in JAX against diffusers' `VQModel` (the same network): codes identical, pixels to
-float32 rounding, at random initialisation; a diffusers folder loads, and one saved here loads in diffusers."""
+"""LWM's VQGAN in JAX against diffusers' `VQModel` (the same network): latents and pixels to float32
+rounding, codes identical but for float32 ties, at random initialisation; a diffusers folder loads,
+and one saved here loads in diffusers."""
 
 import json
 
@@ -8,7 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model_zoo.vqgan import LWM_VQGAN, VQGAN, VQGANConfig, decode, encode, init_params, load_diffusers, save_diffusers
+from model_zoo.vqgan import (
+    LWM_VQGAN,
+    VQGAN,
+    VQGANConfig,
+    decode,
+    encode,
+    encode_latents,
+    init_params,
+    load_diffusers,
+    save_diffusers,
+)
 
 # The [test] extra installs torch (its CPU build) and diffusers on Python 3.11 only.
 torch = pytest.importorskip("torch", reason="diffusers parity needs torch: pip install torch diffusers")
@@ -28,14 +39,28 @@ def diffusers_model(config: VQGANConfig, seed: int):
     return model
 
 
-def diffusers_codes_and_pixels(model, config, frames):
+def diffusers_codes_and_pixels(model, config, frames, *, with_latents=False):
     """diffusers' own path: encode, quantize, then decode the codes through the codebook lookup."""
     g = config.grid
     with torch.no_grad():
         latents = model.encode(torch.from_numpy(frames).permute(0, 3, 1, 2)).latents
         codes = model.quantize(latents)[2][2].reshape(len(frames), g, g)
         pixels = model.decode(codes.reshape(-1), force_not_quantize=True, shape=(len(frames), g, g, config.code_dim))
-    return codes.numpy(), pixels.sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+    result = codes.numpy(), pixels.sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+    return (*result, latents.permute(0, 2, 3, 1).numpy()) if with_latents else result
+
+
+def assert_same_codes_up_to_float32_ties(codes, want_codes, want_latents, codebook):
+    """Codes identical, except where diffusers' latent lies as near to both codes as float32 can
+    tell apart (distances in float64 within 1e-6 relative): there the two libraries' rounding picks.
+    8192 random codes make such ties turn up (1 in 256 cells of the LWM configuration on some hosts)."""
+    differ = np.argwhere(codes != want_codes)
+    assert len(differ) <= codes.size // 100, f"{len(differ)} of {codes.size} codes differ from diffusers'"
+    codebook = np.asarray(codebook, np.float64)
+    for cell in map(tuple, differ):
+        z = want_latents[cell].astype(np.float64)
+        ours, theirs = (np.sum((z - codebook[c]) ** 2) for c in (codes[cell], want_codes[cell]))
+        assert abs(ours - theirs) <= 1e-6 * theirs, (cell, codes[cell], want_codes[cell], ours, theirs)
 
 
 def check_parity(config, seed, folder, frames):
@@ -43,9 +68,11 @@ def check_parity(config, seed, folder, frames):
     model.save_pretrained(folder)
     loaded, params = load_diffusers(folder)
     assert loaded == config
-    want_codes, want_pixels = diffusers_codes_and_pixels(model, config, frames)
+    want_codes, want_pixels, want_latents = diffusers_codes_and_pixels(model, config, frames, with_latents=True)
+    latents = np.asarray(jax.jit(encode_latents, static_argnums=2)(params, jnp.asarray(frames), config))
+    np.testing.assert_allclose(latents, want_latents, atol=1e-4, rtol=0)
     codes = np.asarray(jax.jit(encode, static_argnums=2)(params, jnp.asarray(frames), config))
-    np.testing.assert_array_equal(codes, want_codes)
+    assert_same_codes_up_to_float32_ties(codes, want_codes, want_latents, params["quantize.embedding.weight"])
     assert len(np.unique(codes)) > 8, "the codes barely vary: the comparison would prove little"
     pixels = np.asarray(jax.jit(decode, static_argnums=2)(params, jnp.asarray(want_codes), config))
     np.testing.assert_allclose(pixels, want_pixels, atol=1e-4, rtol=0)
