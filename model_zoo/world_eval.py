@@ -75,8 +75,7 @@ def next_code_accuracy(params, config, tokenizer, captions, codes, *, num_codes)
 
 
 def evaluate_world(params, config, vqgan, tokenizer, truths, frames, *, batch=20, cfg_scale=DEFAULT_CFG_SCALE,
-                   temperature=1.0,
-                   top_k=None, seed=0, generate=True) -> dict:
+                   temperature=1.0, top_k=None, seed=0, generate=True) -> dict:
     """Scores on clips `frames` (uint8 [8, 64, 64, 3] each) whose contents are `truths` (world.Clip)."""
     frames = [np.asarray(f) for f in frames]
     codes = [vqgan.encode_frames(f) for f in frames]

@@ -18,6 +18,7 @@ from model_zoo.vqgan import (
     encode_latents,
     init_params,
     load_diffusers,
+    nearest_codes,
     save_diffusers,
 )
 
@@ -39,15 +40,15 @@ def diffusers_model(config: VQGANConfig, seed: int):
     return model
 
 
-def diffusers_codes_and_pixels(model, config, frames, *, with_latents=False):
-    """diffusers' own path: encode, quantize, then decode the codes through the codebook lookup."""
+def diffusers_codes_and_pixels(model, config, frames):
+    """diffusers' own path: encode, quantize, then decode the codes through the codebook lookup;
+    returns the codes, the pixels and the latents the codes were picked for."""
     g = config.grid
     with torch.no_grad():
         latents = model.encode(torch.from_numpy(frames).permute(0, 3, 1, 2)).latents
         codes = model.quantize(latents)[2][2].reshape(len(frames), g, g)
         pixels = model.decode(codes.reshape(-1), force_not_quantize=True, shape=(len(frames), g, g, config.code_dim))
-    result = codes.numpy(), pixels.sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
-    return (*result, latents.permute(0, 2, 3, 1).numpy()) if with_latents else result
+    return codes.numpy(), pixels.sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy(), latents.permute(0, 2, 3, 1).numpy()
 
 
 def assert_same_codes_up_to_float32_ties(codes, want_codes, want_latents, codebook):
@@ -68,10 +69,10 @@ def check_parity(config, seed, folder, frames):
     model.save_pretrained(folder)
     loaded, params = load_diffusers(folder)
     assert loaded == config
-    want_codes, want_pixels, want_latents = diffusers_codes_and_pixels(model, config, frames, with_latents=True)
-    latents = np.asarray(jax.jit(encode_latents, static_argnums=2)(params, jnp.asarray(frames), config))
-    np.testing.assert_allclose(latents, want_latents, atol=1e-4, rtol=0)
-    codes = np.asarray(jax.jit(encode, static_argnums=2)(params, jnp.asarray(frames), config))
+    want_codes, want_pixels, want_latents = diffusers_codes_and_pixels(model, config, frames)
+    latents = jax.jit(encode_latents, static_argnums=2)(params, jnp.asarray(frames), config)
+    np.testing.assert_allclose(np.asarray(latents), want_latents, atol=1e-4, rtol=0)
+    codes = np.asarray(jax.jit(nearest_codes)(params, latents))  # encode = nearest_codes of encode_latents
     assert_same_codes_up_to_float32_ties(codes, want_codes, want_latents, params["quantize.embedding.weight"])
     assert len(np.unique(codes)) > 8, "the codes barely vary: the comparison would prove little"
     pixels = np.asarray(jax.jit(decode, static_argnums=2)(params, jnp.asarray(want_codes), config))
@@ -98,7 +99,7 @@ def test_saved_folder_loads_in_diffusers(tmp_path):
     save_diffusers(tmp_path / "vq", SMALL, params)
     model = diffusers.VQModel.from_pretrained(tmp_path / "vq").eval()
     frames = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    want_codes, want_pixels = diffusers_codes_and_pixels(model, SMALL, frames)
+    want_codes, want_pixels, _ = diffusers_codes_and_pixels(model, SMALL, frames)
     np.testing.assert_array_equal(np.asarray(encode(params, jnp.asarray(frames), SMALL)), want_codes)
     np.testing.assert_allclose(np.asarray(decode(params, jnp.asarray(want_codes), SMALL)), want_pixels, atol=1e-4)
 
@@ -110,7 +111,7 @@ def test_uint8_frames_round_trip_and_bad_input_is_refused(tmp_path):
     frames = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     codes = vqgan.encode_frames(frames)
     assert codes.shape == (2, SMALL.tokens_per_frame) and codes.dtype == np.int32
-    want_codes, want_pixels = diffusers_codes_and_pixels(model, SMALL, frames.astype(np.float32) / 127.5 - 1)
+    want_codes, want_pixels, _ = diffusers_codes_and_pixels(model, SMALL, frames.astype(np.float32) / 127.5 - 1)
     np.testing.assert_array_equal(codes, want_codes.reshape(2, -1))
     pixels = vqgan.decode_codes(codes)
     assert pixels.dtype == np.uint8 and pixels.shape == frames.shape
