@@ -180,6 +180,7 @@ def test_auto_runs_the_strategy_the_cost_model_ranks_first(mesh_shape, monkeypat
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
+@pytest.mark.slow
 def test_strategies_agree_to_float32_rounding():
     L, N, K, H = 128, 8, 2, 32
     q, k, v, _ = random_qkv(9, 1, L, N, K, H)

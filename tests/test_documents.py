@@ -62,6 +62,7 @@ def test_steps_of_regular_packings(lengths, steps):
     assert steps_on_the_ring(packed_ids([lengths])) == steps
 
 
+@pytest.mark.slow
 @given(st.lists(documents, min_size=2, max_size=2), st.sampled_from([None, 5, 2 * T + 3]))
 def test_packed_documents_match_oracle(lengths_per_row, window):
     # Forward and gradients, every step count from 1 to R (two rows packed differently).

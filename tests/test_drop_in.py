@@ -63,6 +63,7 @@ def test_matches_jax_nn(name, shape, kwargs):
         assert_close(g, e, kind="gradient", name=grad_name)
 
 
+@pytest.mark.slow
 def test_mla_values_of_their_own_width():
     # jax.nn takes one head dim for q, k and v; the ring also takes v of its own (MLA): against the
     # float64 oracle, with jax.nn's default scale 1 / sqrt(q's head dim).

@@ -82,6 +82,7 @@ def test_attention_fn_matches_nnx_dot_product_attention_with_two_batch_dims():
     assert_close(out, expected, name="out")
 
 
+@pytest.mark.slow
 def test_training_reaches_the_same_losses():
     # One batch of random tokens seen eight times: memorising it makes the loss fall.
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 65)), jnp.int32)

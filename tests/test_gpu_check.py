@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
 from conftest import bench_script
+
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_runs_tiny(tmp_path):

@@ -14,6 +14,9 @@ from model_zoo.generate import generate
 from model_zoo.sharding import make_mesh
 from model_zoo.train import read_metrics
 
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 torch = pytest.importorskip("torch", reason="the Hugging Face model is built with torch: pip install torch")
 transformers = pytest.importorskip("transformers", reason="the Hugging Face model is built with transformers")
 

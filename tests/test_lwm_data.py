@@ -176,6 +176,7 @@ def test_loss_is_normalised_per_row():
     np.testing.assert_allclose(row_normalised(jnp.asarray(losses), jnp.asarray(mask)), want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_text_and_vision_losses_weigh_half_each():
     """The loss with both kinds of target is the mean of the text-only and vision-only losses."""
     import jax

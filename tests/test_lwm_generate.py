@@ -44,6 +44,7 @@ def dense_greedy(params, prompt, steps, config=SMALL):
         ({"sp": 2, "uly": 4}, "zigzag", "usp"),  # the cache over both sequence axes
     ],
 )
+@pytest.mark.slow
 def test_sharded_cache_generates_the_dense_tokens(params, mesh_shape, layout, strategy):
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 64, size=n)) for n in (5, 13, 2)]

@@ -81,6 +81,7 @@ def test_presets_and_overrides():
         ({"tp": 2, "sp": 2, "uly": 2}, "zigzag", "full", "usp", True),
     ],
 )
+@pytest.mark.slow
 def test_ring_model_matches_dense_model(mesh_shape, layout, remat, strategy, gemma_cap_and_sinks):
     """Logits and loss gradients (the sinks' included): the model with its sequence sharded (a
     ring, or another context_attention strategy) vs dense attention on one device."""

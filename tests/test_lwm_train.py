@@ -62,6 +62,7 @@ def damage(checkpoint: pathlib.Path):
     largest.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_sigkill_and_damaged_checkpoint_resume_to_identical_losses(tmp_path):
     env = environment(tmp_path / "compiled")
     whole = run(train_command(tmp_path / "whole"), env)
@@ -86,6 +87,7 @@ def test_sigkill_and_damaged_checkpoint_resume_to_identical_losses(tmp_path):
     assert (workdir / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     import model_zoo.train as training
 
@@ -98,6 +100,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
         train(cfg, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
     model = TINY.replace(num_layers=1)
     first = TrainConfig(model=model, stages=(Stage(32, 1e4, 1),), batch_size=2, mesh=(("sp", 1),))
@@ -117,6 +120,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
         train(wider, tmp_path / "third", progress=False)
 
 
+@pytest.mark.slow
 def test_parameters_sharded_over_the_sequence_train_to_the_same_losses(tmp_path):
     """params_over_sequence (ZeRO-3 over the ring, what `plan` compiles) changes where parameters
     and AdamW state lie, not what the steps compute."""
@@ -180,6 +184,7 @@ def test_the_command_line_offers_every_attention_strategy():
     assert cli.STRATEGIES == STRATEGIES  # named twice so that --help needs no JAX
 
 
+@pytest.mark.slow
 def test_tokens_per_batch_sizes_each_stage(tmp_path):
     # 256 tokens a batch: 8 rows of 32, then 4 of 64, checked against the mesh before training.
     cfg = TrainConfig(model=TINY.replace(num_layers=1), stages=(Stage(32, 1e4, 1), Stage(64, 1e5, 1)),
@@ -193,6 +198,7 @@ def test_tokens_per_batch_sizes_each_stage(tmp_path):
         training_mesh(dataclasses.replace(cfg, tokens_per_batch=192))
 
 
+@pytest.mark.slow
 def test_recipes_are_named_once_for_the_command_line_and_checked(tmp_path, capsys, monkeypatch):
     import model_zoo.train as training
     from model_zoo import __main__ as cli
@@ -214,6 +220,7 @@ def test_recipes_are_named_once_for_the_command_line_and_checked(tmp_path, capsy
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_the_main_job_extends_the_shipped_model_and_none_trains_from_scratch(tmp_path, monkeypatch):
     import model_zoo.train as training
 

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from conftest import ring_mesh
 
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,6 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "numerics.py"
 
 

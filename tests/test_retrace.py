@@ -238,6 +238,7 @@ def test_generation_compiles_prefill_and_decode_once(monkeypatch):
     assert (names.count("jit(_prefill)"), names.count("jit(_decode)")) == (1, 1), names
 
 
+@pytest.mark.slow
 def test_training_loop_compiles_its_step_once(tmp_path, monkeypatch):
     """`train` runs a stage's jitted step again and again on the state the last step returned: one
     trace and one compile, so the state comes back placed as it went in (parameters over fsdp here)."""

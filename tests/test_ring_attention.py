@@ -88,6 +88,7 @@ def ring_configs(draw):
     )
 
 
+@pytest.mark.slow
 @given(ring_configs())
 def test_property_matches_oracle(config):
     check_against_oracle(**config)
@@ -135,6 +136,7 @@ def test_single_device_query_and_key_lengths_differ(causal):
     assert_matches_oracle(fn, q, k, v, d_out, causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
 
 
+@pytest.mark.slow
 def test_result_does_not_depend_on_ring_size():
     q, k, v, d_out = random_qkv(6, 2, 64, 4, 2, 64)
     ids = random_segments(7, 2, 64)
@@ -179,6 +181,7 @@ def test_logits_scaled_by_100_stay_finite_and_exact():
     assert_matches_oracle(fn, q, k, v, d_out, causal=True)
 
 
+@pytest.mark.slow
 def test_bfloat16_ring_of_8_is_close_to_float32():
     q, k, v, d_out = random_qkv(11, 2, 128, 8, 2, 64)
     fn = ring_fn(8, causal=True, layout="zigzag")

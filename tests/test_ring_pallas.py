@@ -30,10 +30,12 @@ def test_triton_kernels_drive_a_zigzag_ring():
     check("pallas_triton", check_vma=False)
 
 
+@pytest.mark.slow
 def test_tpu_kernels_drive_a_zigzag_ring_under_shard_map_defaults():
     check("pallas_tpu", seed=1, N=2, K=1)  # fewer heads: interpreted TPU grid steps are slow
 
 
+@pytest.mark.slow
 def test_tpu_kernels_drive_a_sliding_window_ring():
     check("pallas_tpu", layout="contiguous", window=21, seed=2, N=2, K=1)
 
@@ -43,6 +45,7 @@ def test_triton_kernels_drive_an_mla_ring():
     check("pallas_triton", layout="contiguous", check_vma=False, seed=3, N=4, K=2, H=192, Hv=128)
 
 
+@pytest.mark.slow
 def test_tpu_kernels_drive_an_mla_ring_of_8_with_wider_values():
     # Values wider than keys (32 / 64), zigzag, on a ring of 8.
     check("pallas_tpu", ring_size=8, seed=4, N=2, K=1, H=32, Hv=64)

@@ -63,14 +63,17 @@ def check_ring(ring_size, *, causal, seed, gradients, block=16, N=2, K=1, H=32, 
     np.testing.assert_allclose(np.asarray(out), np.asarray(ppermute_out), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_causal_ring_of_4_with_segments_soft_cap_and_sinks_matches_oracle_and_ppermute_ring():
     check_ring(4, causal=True, seed=0, gradients=True, logit_soft_cap=2.0, sinks=True)
 
 
+@pytest.mark.slow
 def test_ring_of_8_with_cross_segments_matches_oracle_and_ppermute_ring():
     check_ring(8, causal=False, seed=10, gradients=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("H", "Hv", "causal"), [(64, 32, True), (32, 64, False)])
 def test_mla_head_dims_match_oracle_and_ppermute_ring(H, Hv, causal):
     # k and v shards of different widths travel in buffers of their own.

@@ -18,6 +18,7 @@ def test_paths_resolve_to_themselves_and_unknown_names_are_named(tmp_path):
         resolve_model("lwm-huge")
 
 
+@pytest.mark.slow
 def test_export_writes_the_run_and_its_provenance(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "model"
     train = ["train", "--workdir", str(workdir), "--stages", "32:1e4:2", "--batch-size", "2", "--mesh", "sp=1",

@@ -17,6 +17,9 @@ from model_zoo.vqgan import VQGAN
 from model_zoo.world_eval import evaluate_world
 from reference.world import draw_truth, pil_clip
 
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 MODEL = "lwm-tiny-vision"
 
 

@@ -18,6 +18,9 @@ from test_user_data import FORMATS, random_texts, write_format, write_jsonl
 from model_zoo import TINY
 from model_zoo.train import Stage, TrainConfig, read_metrics, train
 
+# end to end: the first CI leg runs it, the JAX-compatibility legs skip it (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -30,6 +30,7 @@ def model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_generate_video_then_ask_about_it(model, tmp_path, capsys):
     clip = tmp_path / "clip.gif"
     assert main(["generate-video", "--model", str(model), "--prompt", "a red circle moving left", "--frames", "3",
@@ -42,6 +43,7 @@ def test_generate_video_then_ask_about_it(model, tmp_path, capsys):
     assert capsys.readouterr().out.strip()  # the streamed answer
 
 
+@pytest.mark.slow
 def test_batches_write_one_line_a_row(model, tmp_path):
     rows = tmp_path / "captions.jsonl"
     rows.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(["a", "b c"])))

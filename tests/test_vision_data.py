@@ -238,6 +238,7 @@ def grey_frames(count, size=32, step=20):
     return frames
 
 
+@pytest.mark.slow
 def test_read_png_gif_mp4(tmp_path):
     import imageio.v3 as iio
 

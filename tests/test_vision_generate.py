@@ -92,6 +92,7 @@ def test_guidance_changes_the_codes_and_sampling_stays_in_the_codebook(params):
         generate_clips(params, [prompt], unconditional, **{**kw, "num_codes": 9000})
 
 
+@pytest.mark.slow
 def test_a_clip_in_the_prompt_reads_through_the_vision_table(params):
     """Chat: the prompt's clip tokens (vision mask True) give the answer a dense forward gives."""
     rng = np.random.default_rng(4)

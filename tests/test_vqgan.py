@@ -86,6 +86,7 @@ def test_small_configuration_matches_diffusers(tmp_path, seed):
     check_parity(SMALL, seed, tmp_path / "vq", frames)
 
 
+@pytest.mark.slow
 def test_lwm_configuration_matches_diffusers(tmp_path):
     """LWM's own VQGAN (aMUSEd's VQ configuration) at 256 x 256: one frame, 256 codes."""
     assert LWM_VQGAN.tokens_per_frame == 256 and LWM_VQGAN.widths == (128, 256, 256, 512, 768)
@@ -93,6 +94,7 @@ def test_lwm_configuration_matches_diffusers(tmp_path):
     check_parity(LWM_VQGAN, 2, tmp_path / "vq", frames)
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_in_diffusers(tmp_path):
     params = init_params(SMALL, jax.random.key(3))
     params["quantize.embedding.weight"] = jax.random.normal(jax.random.key(4), (SMALL.num_codes, SMALL.code_dim))

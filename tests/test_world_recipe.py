@@ -5,6 +5,7 @@ starts from the round before on fresh clips; the rows' layout."""
 import json
 
 import numpy as np
+import pytest
 
 from model_zoo import world
 from model_zoo.__main__ import main
@@ -14,6 +15,7 @@ from model_zoo.vision_data import VisionSpec, encode_vision_record, vision_recor
 from model_zoo.world_recipe import WORLD_MODEL
 
 
+@pytest.mark.slow
 def test_recipe_at_toy_sizes_then_its_model_runs(tmp_path, capsys):
     argv = ["world", "--workdir", str(tmp_path), "--steps", "2", "--vqgan-steps", "3", "--clips", "4",
             "--eval-clips", "2", "--rounds", "1", "--no-progress"]
