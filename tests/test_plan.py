@@ -84,8 +84,9 @@ def _plan(*args):
 
 
 @pytest.mark.skipif(missing() is not None, reason=str(missing()))
-def test_plan_reports_a_step_that_fits():
-    result = _plan("--preset", "tiny", "--seq-len", "8192", "--topology", "h100:8")
+@pytest.mark.parametrize("topology", ["h100:8"])
+def test_plan_reports_a_step_that_fits(topology):
+    result = _plan("--preset", "tiny", "--seq-len", "8192", "--topology", topology)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "8,192 tokens x 1 on h100:8 (mesh sp=8)" in out
@@ -94,9 +95,10 @@ def test_plan_reports_a_step_that_fits():
 
 
 @pytest.mark.skipif(missing() is not None, reason=str(missing()))
-def test_plan_exits_1_naming_the_shortfall():
+@pytest.mark.parametrize("topology", ["h100:1"])
+def test_plan_exits_1_naming_the_shortfall(topology):
     """LWM-7B's float32 parameters and AdamW state (about 81 GB) cannot fit one H100."""
-    result = _plan("--preset", "lwm-7b", "--seq-len", "2048", "--topology", "h100:1")
+    result = _plan("--preset", "lwm-7b", "--seq-len", "2048", "--topology", topology)
     assert result.returncode == 1
     assert "does not fit" in result.stdout
     assert "GiB more than h100:1's 79.10 GiB" in result.stderr
